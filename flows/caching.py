@@ -1,0 +1,63 @@
+"""Cache keys of stage outputs: what makes a stage's result reusable across runs.
+
+A stage's output lives at ``runs/<stage>/<key>/`` in the store, where ``key`` hashes the
+stage, its config section, the keys/versions of its inputs and the code version. A stage
+whose ``result.json`` already exists there is skipped; a changed source changes the keys
+of exactly the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from xlearner.config import hash_json
+from xlearner.store import ArtifactStore, open_store
+
+CODE_ROOTS = ("xlearner", "stages")
+KEY_LENGTH = 20
+
+
+@functools.cache
+def code_version() -> str:
+    """Hash of the library and stage sources: a code change invalidates every cached stage."""
+    if env := os.environ.get("XLEARNER_CODE_VERSION"):
+        return env
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in CODE_ROOTS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, section: Any, inputs: Any) -> str:
+    return hash_json({"stage": stage, "config": section, "inputs": inputs, "code": code_version()})[:KEY_LENGTH]
+
+
+def stage_out(store_uri: str, stage: str, key: str) -> str:
+    return f"{store_uri.rstrip('/')}/runs/{stage}/{key}"
+
+
+def source_fingerprint(uri: str, endpoint_url: str | None = None) -> str:
+    """Cheap fingerprint of a source folder: names, sizes and modification times / ETags.
+
+    Ingest itself hashes every byte; this lets an unchanged source skip even that.
+    """
+    if uri.startswith("s3://"):
+        store: ArtifactStore = open_store(uri, endpoint_url)
+        entries = store.stat(prefix="")  # type: ignore[attr-defined]
+        return hash_json(entries)[:KEY_LENGTH]
+    root = Path(uri)
+    if not root.exists():
+        raise FileNotFoundError(f"source folder {uri} does not exist")
+    entries = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            st = path.stat()
+            entries.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+    return hash_json(entries)[:KEY_LENGTH]

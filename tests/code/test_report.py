@@ -1,0 +1,135 @@
+"""The comparison report (xlearner/report.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from xlearner.report import build_report, format_table, write_report
+
+
+def rows() -> list[dict]:
+    return [
+        {
+            "name": "random init",
+            "cls": {"flowers": 30.0, "cars": 20.0},
+            "det": {"voc": 5.0},
+            "seg": {"voc": 20.25},
+            "parameters": 11_200_000,
+            "train_images": 0,
+        },
+        {
+            "name": "xlearner",
+            "cls": {"flowers": 64.0, "cars": 55.0},
+            "det": {"voc": 22.4},
+            "seg": {"voc": 42.0},
+            "parameters": 11_200_000,
+            "train_images": 60_000,
+        },
+        {
+            "name": "xlearner w/o reconciliation",
+            "cls": {"flowers": 61.0},
+            "det": {"voc": 21.9},
+            "parameters": 11_200_000,
+            "train_images": 60_000,
+        },
+    ]
+
+
+def table_cells(table: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+
+
+def test_table_has_a_row_per_variant_and_the_paper_columns():
+    report = build_report(rows())
+    header, rule, *body = table_cells(format_table(report))
+    assert header == [
+        "Method",
+        "AVG Cls",
+        "flowers",
+        "cars",
+        "Det mAP (voc)",
+        "Seg mIoU (voc)",
+        "Params (M)",
+        "Train images",
+    ]
+    assert all(set(cell) <= {"-", ":"} for cell in rule)
+    assert [line[0] for line in body] == ["random init", "xlearner", "xlearner w/o reconciliation"]
+    assert body[0][1:] == ["25.0", "30.0", "20.0", "5.0", "20.2", "11.20", "0"]
+    assert body[1][1:] == ["59.5", "64.0", "55.0", "22.4", "42.0", "11.20", "60,000"]
+
+
+def test_missing_values_render_as_dash():
+    report = build_report(rows())
+    last = table_cells(format_table(report))[-1]
+    # no "cars" and no segmentation: those cells and the incomplete average are "-"
+    assert last == ["xlearner w/o reconciliation", "-", "61.0", "-", "21.9", "-", "11.20", "60,000"]
+    row = report["rows"][2]
+    assert row["avg_cls"] is None and row["seg_miou"] is None and row["det_map"] == 21.9
+
+
+def test_averages_are_computed_over_every_dataset_of_the_task():
+    report = build_report(
+        [
+            {"name": "a", "cls": {"x": 10.0, "y": 20.0, "z": 60.0}, "det": {"p": 4.0, "q": 8.0}},
+            {"name": "b", "cls": {"x": 50.0, "y": None, "z": 70.0}},
+        ]
+    )
+    a, b = report["rows"]
+    assert a["avg_cls"] == pytest.approx(30.0) and a["det_map"] == pytest.approx(6.0)
+    assert b["avg_cls"] is None and b["det_map"] is None
+    header = table_cells(format_table(report))[0]
+    assert header[-4:] == ["Det mAP (q)", "Seg mIoU", "Params (M)", "Train images"]
+
+
+def test_write_report_writes_json_md_and_a_valid_png(tmp_path):
+    report = build_report(rows())
+    paths = write_report(report, tmp_path / "out")
+    assert set(paths) == {"json", "md", "png"}
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
+    markdown = paths["md"].read_text()
+    assert format_table(report) in markdown
+    png = paths["png"].read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    with Image.open(paths["png"]) as image:
+        image.verify()
+    with Image.open(paths["png"]) as image:
+        assert image.width > 400 and image.height > 300
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "report.json",
+        "report.md",
+        "report.png",
+    ]
+
+
+def test_write_report_without_any_complete_metric(tmp_path):
+    report = build_report([{"name": "empty", "cls": {}, "parameters": None}])
+    paths = write_report(report, tmp_path)
+    assert table_cells(format_table(report))[-1] == ["empty", "-", "-", "-", "-", "-"]
+    with Image.open(paths["png"]) as image:
+        image.verify()
+
+
+@pytest.mark.parametrize(
+    ("bad_rows", "match"),
+    [
+        ([], "non-empty list"),
+        ([{"name": ""}], "'name' must be a non-empty string"),
+        ([{"name": "a"}, {"name": "a"}], r"row 1 \('a'\): duplicate name"),
+        ([{"name": "a", "top1": 3}], r"unknown keys \['top1'\]"),
+        ([{"name": "a", "cls": {"x": 0.5, "y": 101.0}}], r"cls\['y'\] must be a percentage"),
+        ([{"name": "a", "det": [1.0]}], "'det' must be a dict"),
+        ([{"name": "a", "parameters": -1}], "'parameters' must be a non-negative int"),
+        ([{"name": "a", "train_images": 1.5}], "'train_images' must be a non-negative int"),
+    ],
+)
+def test_bad_rows_raise_clear_errors(bad_rows, match):
+    with pytest.raises(ValueError, match=match):
+        build_report(bad_rows)
+
+
+def test_write_report_rejects_a_raw_row_list(tmp_path):
+    with pytest.raises(ValueError, match="not a report from build_report"):
+        write_report({"rows": rows()}, tmp_path)

@@ -1,0 +1,194 @@
+"""ShardDataset: targets per format, resizing, deterministic flips, workers, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from xlearner.config import SourceConfig
+from xlearner.data.ingest import ingest_source, manifest_key
+from xlearner.data.shards import ManifestError, ShardDataset, collate_fn, hflip, load_manifest
+from xlearner.store import StoreError, open_store
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def published(synth_data, tmp_path_factory):
+    """Every synthetic source ingested into one local store: {name: manifest URI}."""
+    store = open_store(str(tmp_path_factory.mktemp("store")))
+    uris = {}
+    for config in synth_data.sources + synth_data.downstream:
+        source = SourceConfig(**config)
+        manifest = ingest_source(source, store, shard_bytes=100_000, log=lambda _: None)
+        uris[source.name] = store.uri(manifest_key(source.name, manifest["version"]))
+    return uris
+
+
+def coco_boxes(synth_data, name):
+    data = json.loads((synth_data.paths[name] / "annotations.json").read_text())
+    files = {i["id"]: f"images/{i['file_name']}" for i in data["images"]}
+    boxes = {}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes.setdefault(files[a["image_id"]], []).append(([x, y, x + w, y + h], a["category_id"] - 1))
+    return boxes
+
+
+@pytest.mark.parametrize("name", ["shapes_cls", "shapes_attr", "shapes_det", "shapes_seg", "shapes_unlabeled"])
+def test_items_follow_the_target_table(published, name):
+    ds = ShardDataset(published[name], "val", SIZE)
+    manifest = load_manifest(published[name])
+    assert len(ds) == manifest["splits"]["val"]["records"] > 0
+    assert ds.classes == manifest["classes"] and ds.num_classes == len(ds.classes)
+    assert ds.manifest == manifest
+    for i in range(len(ds)):
+        image, target = ds[i]
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.02
+        if ds.format == "cls":
+            assert target["label"].dtype == torch.int64 and target["label"].shape == ()
+            file = ds.raw(i)[1]["file"]
+            assert ds.classes[int(target["label"])] == file.split("/")[0]
+        elif ds.format == "multilabel":
+            assert target["labels"].shape == (ds.num_classes,) and target["labels"].dtype == torch.float32
+            assert set(target["labels"].tolist()) <= {0.0, 1.0} and target["labels"].sum() >= 2
+        elif ds.format == "det":
+            assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+            assert target["boxes"].shape == (len(target["labels"]), 4)
+        elif ds.format == "seg":
+            assert target["mask"].shape == (SIZE, SIZE) and target["mask"].dtype == torch.int64
+            assert set(target["mask"].unique().tolist()) <= set(range(ds.num_classes))
+            assert (target["mask"] > 0).any()
+        else:
+            assert target == {}
+
+
+def test_det_boxes_are_scaled_to_the_resized_image(published, synth_data):
+    ds = ShardDataset(published["shapes_det"], "train", SIZE)
+    truth = coco_boxes(synth_data, "shapes_det")
+    scale = SIZE / 64
+    for i in range(10):
+        _, target = ds[i]
+        file = ds.raw(i)[1]["file"]
+        expected = torch.tensor([b for b, _ in truth[file]]) * scale
+        assert torch.allclose(target["boxes"], expected)
+        assert target["labels"].tolist() == [c for _, c in truth[file]]
+
+
+def test_seg_mask_matches_the_shapes(published):
+    ds = ShardDataset(published["shapes_seg"], "train", 64)  # no resize: mask = drawn pixels
+    image, target = ds[0]
+    inside = target["mask"] > 0
+    # shapes are saturated colours on a muted background: they differ in colour spread
+    spread = image.max(0).values - image.min(0).values
+    assert spread[inside].mean() > spread[~inside].mean() + 0.1
+
+
+def test_train_flip_is_deterministic_and_consistent(published):
+    plain = ShardDataset(published["shapes_det"], "train", SIZE)
+    aug = ShardDataset(published["shapes_det"], "train", SIZE, train=True)
+    flipped = 0
+    for i in range(40):
+        image, target = aug[i]
+        again, _ = aug[i]
+        assert torch.equal(image, again)
+        ref_image, ref_target = plain[i]
+        if torch.equal(image, ref_image):
+            assert torch.equal(target["boxes"], ref_target["boxes"])
+            continue
+        flipped += 1
+        want_image, want_target = hflip(ref_image, ref_target)
+        assert torch.equal(image, want_image)
+        assert torch.allclose(target["boxes"], want_target["boxes"])
+        assert (target["boxes"][:, 2] > target["boxes"][:, 0]).all()
+    assert 8 < flipped < 32
+    aug.set_epoch(1)
+    assert any(not torch.equal(aug[i][0], ShardDataset(published["shapes_det"], "train", SIZE, train=True)[i][0]) for i in range(20))
+
+
+def test_hflip_mirrors_boxes_and_masks():
+    image = torch.zeros(3, 4, 10)
+    image[:, :, 0] = 1
+    mask = torch.zeros(4, 10, dtype=torch.int64)
+    mask[:, :3] = 2
+    out, target = hflip(image, {"boxes": torch.tensor([[0.0, 1.0, 3.0, 2.0]]), "mask": mask})
+    assert out[:, :, 9].eq(1).all() and out[:, :, 0].eq(0).all()
+    assert target["boxes"].tolist() == [[7.0, 1.0, 10.0, 2.0]]
+    assert target["mask"][:, 7:].eq(2).all() and target["mask"][:, :7].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "name, keys",
+    [("shapes_cls", {"label": (4,)}), ("shapes_attr", {"labels": (4, 6)}), ("shapes_seg", {"mask": (4, SIZE, SIZE)})],
+)
+def test_collate_stacks(published, name, keys):
+    ds = ShardDataset(published[name], "train", SIZE)
+    images, targets = collate_fn(ds.format)([ds[i] for i in range(4)])
+    assert images.shape == (4, 3, SIZE, SIZE)
+    assert {k: tuple(v.shape) for k, v in targets.items()} == keys
+
+
+def test_collate_det_and_unlabeled(published):
+    det = ShardDataset(published["shapes_det"], "train", SIZE)
+    images, targets = collate_fn("det")([det[i] for i in range(3)])
+    assert images.shape == (3, 3, SIZE, SIZE) and isinstance(targets, list) and len(targets) == 3
+    unl = ShardDataset(published["shapes_unlabeled"], "train", SIZE)
+    images, targets = collate_fn("unlabeled")([unl[i] for i in range(3)])
+    assert images.shape == (3, 3, SIZE, SIZE) and targets == {}
+
+
+def test_picklable_and_workers_give_the_same_batches(published):
+    ds = ShardDataset(published["shapes_seg"], "train", SIZE, train=True)
+    ds[0]  # opens a shard file handle, which must not travel
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[3][0], ds[3][0])
+    kw = {"batch_size": 8, "collate_fn": collate_fn(ds.format)}
+    single = list(DataLoader(ds, num_workers=0, **kw))
+    multi = list(DataLoader(ds, num_workers=2, **kw))
+    assert len(single) == len(multi)
+    for (a, ta), (b, tb) in zip(single, multi, strict=True):
+        assert torch.equal(a, b) and torch.equal(ta["mask"], tb["mask"])
+
+
+def test_loads_through_the_content_cache(store, synth_data, tmp_path):
+    source = SourceConfig(**synth_data.source("shapes_cls"))
+    manifest = ingest_source(source, store, log=lambda _: None)
+    uri = store.uri(manifest_key(source.name, manifest["version"]))
+    cache = tmp_path / "cache"
+    ds = ShardDataset(uri, "train", SIZE, cache_dir=cache)
+    assert len(ds) == manifest["splits"]["train"]["records"]
+    cached = sorted(cache.rglob("*.tar"))
+    assert {p.name for p in cached} == {f"{s['sha256']}.tar" for s in manifest["splits"]["train"]["shards"]}
+    mtime = cached[0].stat().st_mtime_ns
+    ShardDataset(uri, "train", SIZE, cache_dir=cache)  # cached by content: no new download
+    assert cached[0].stat().st_mtime_ns == mtime
+    assert ds[0][0].shape == (3, SIZE, SIZE)
+
+
+def test_tampered_shard_is_rejected(tmp_path, synth_data):
+    store = open_store(str(tmp_path / "store"))
+    source = SourceConfig(**synth_data.source("shapes_cls"))
+    manifest = ingest_source(source, store, log=lambda _: None)
+    shard = manifest["splits"]["val"]["shards"][0]["file"]
+    path = store.root / "sources" / "shapes_cls" / manifest["version"] / shard
+    path.write_bytes(path.read_bytes()[:-1024])
+    with pytest.raises(StoreError, match="sha256"):
+        ShardDataset(store.uri(manifest_key("shapes_cls", manifest["version"])), "val", SIZE, cache_dir=tmp_path / "c")
+
+
+def test_manifest_errors(tmp_path, published):
+    with pytest.raises(ManifestError, match=r"nope/manifest.json does not exist; ingest the source"):
+        load_manifest(str(tmp_path / "nope" / "manifest.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ManifestError, match="is not an xlearner manifest"):
+        load_manifest(str(tmp_path / "other.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ManifestError, match="broken.json.*not valid JSON"):
+        load_manifest(str(tmp_path / "broken.json"))
+    with pytest.raises(ValueError, match="split must be one of"):
+        ShardDataset(published["shapes_cls"], "test", SIZE)

@@ -1,0 +1,417 @@
+"""The pipeline configuration: pydantic models loaded from YAML, with ``--set`` overrides.
+
+Everything a run needs is in one :class:`PipelineConfig`. It is validated when it is
+loaded, so a bad field fails before any data is read or any model is trained, with the
+dotted path of the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class SourceFormat(StrEnum):
+    """On-disk layout of a source (see docs/data.md)."""
+
+    cls = "cls"
+    multilabel = "multilabel"
+    det = "det"
+    seg = "seg"
+    unlabeled = "unlabeled"
+
+
+class TaskType(StrEnum):
+    """A task: each gets its own sub-backbone in the expansion stage."""
+
+    cls = "cls"
+    multilabel = "multilabel"
+    det = "det"
+    seg = "seg"
+    mim = "mim"
+    contrastive = "contrastive"
+
+
+SELF_SUPERVISED = {TaskType.mim, TaskType.contrastive}
+LABEL_TASK_OF_FORMAT = {
+    SourceFormat.cls: TaskType.cls,
+    SourceFormat.multilabel: TaskType.multilabel,
+    SourceFormat.det: TaskType.det,
+    SourceFormat.seg: TaskType.seg,
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(StrictModel):
+    """One labelled (or unlabelled) data set. ``uri`` is a local folder or ``s3://``."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    format: SourceFormat
+    uri: str
+    tasks: list[TaskType] | None = Field(
+        default=None,
+        description="Tasks this source feeds; default: the task of its label type "
+        "(mim + contrastive for an unlabeled source).",
+    )
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    skip_invalid: bool = False
+    loss_weight: float = Field(default=1.0, gt=0.0)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> SourceConfig:
+        tasks = self.resolved_tasks
+        label_task = LABEL_TASK_OF_FORMAT.get(self.format)
+        for task in tasks:
+            if task not in SELF_SUPERVISED and task != label_task:
+                allowed = sorted({*(t.value for t in SELF_SUPERVISED), *([label_task] if label_task else [])})
+                raise ValueError(
+                    f"source {self.name!r} has format {self.format.value!r} and cannot feed task "
+                    f"{task.value!r}; allowed: {allowed}"
+                )
+        return self
+
+    @property
+    def resolved_tasks(self) -> list[TaskType]:
+        if self.tasks is not None:
+            return list(self.tasks)
+        if self.format == SourceFormat.unlabeled:
+            return [TaskType.mim, TaskType.contrastive]
+        return [LABEL_TASK_OF_FORMAT[self.format]]
+
+
+class DownstreamConfig(StrictModel):
+    """A held-out data set used only to evaluate transfer."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    format: Literal[SourceFormat.cls, SourceFormat.det, SourceFormat.seg]
+    uri: str
+    val_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class TrainConfig(StrictModel):
+    """Hyper-parameters of one training run (a task's expansion, reconciliation, squeeze)."""
+
+    steps: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    sampling: Literal["round_robin", "proportional"] = Field(
+        default="round_robin",
+        description="round_robin: every step takes one batch from each source; "
+        "proportional: every step takes one batch from a source drawn by its size.",
+    )
+    grad_accum_steps: int = Field(default=1, ge=1)
+
+
+class EngineConfig(StrictModel):
+    """How training runs on the hardware; the same for every stage."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    num_workers: int = Field(default=0, ge=0)
+    log_every_steps: int = Field(default=20, ge=1)
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    eval_max_images: int = Field(default=512, ge=1)
+
+
+class ModelConfig(StrictModel):
+    backbone: str = "tiny_resnet"
+    image_size: int = Field(default=64, ge=32, le=1024)
+    pretrained_path: str | None = Field(
+        default=None, description="Local safetensors file to initialise sub-backbones from."
+    )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from xlearner.models.backbones import available_backbones
+
+        if name not in available_backbones():
+            raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
+        return name
+
+
+class ReconcileConfig(StrictModel):
+    mode: Literal["full", "same_level", "none"] = Field(
+        default="full",
+        description="full: gamma from the same and all lower levels of every task; "
+        "same_level: only j == i (ablation); none: no reconciliation layers.",
+    )
+    detach_other_tasks: bool = True
+    receive_stages: list[int] = Field(default=[1, 2, 3, 4])
+    train: TrainConfig = TrainConfig(steps=200)
+
+    @field_validator("receive_stages")
+    @classmethod
+    def _stages_in_range(cls, stages: list[int]) -> list[int]:
+        bad = [s for s in stages if s not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"receive_stages must be within 1..4 (C2..C5); got {bad}")
+        return sorted(set(stages))
+
+
+class SqueezeConfig(StrictModel):
+    method: Literal["distill", "prune"] = "distill"
+    student: str | None = Field(default=None, description="Student backbone; default: model.backbone")
+    levels: list[int] = Field(default=[4], description="Feature levels matched (1..4 = C2..C5)")
+    task_loss_weight: float = Field(default=0.0, ge=0)
+    train: TrainConfig = TrainConfig(steps=200)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_in_range(cls, levels: list[int]) -> list[int]:
+        bad = [s for s in levels if s not in (1, 2, 3, 4)]
+        if bad or not levels:
+            raise ValueError(f"levels must be a non-empty subset of 1..4 (C2..C5); got {levels}")
+        return sorted(set(levels))
+
+    @field_validator("student")
+    @classmethod
+    def _known_student(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        from xlearner.models.backbones import available_backbones
+
+        if name not in available_backbones():
+            raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
+        return name
+
+
+class TransferConfig(StrictModel):
+    probe_l2: list[float] = Field(default=[1e-4, 1e-3, 1e-2, 1e-1])
+    probe_max_iter: int = Field(default=200, ge=1)
+    finetune: TrainConfig = TrainConfig(steps=100)
+
+
+class Variant(StrEnum):
+    """The paper's comparisons (METHOD.md): what the pipeline trains and squeezes."""
+
+    xlearner = "xlearner"
+    hard_sharing = "hard_sharing"
+    no_reconciliation = "no_reconciliation"
+    squeeze_expansion = "squeeze_expansion"
+    xlearner_pp = "xlearner_pp"
+    prune = "prune"
+    single_task = "single_task"
+
+
+class DockerRunnerConfig(StrictModel):
+    image: str = "xlearner-stage:latest"
+    gpus: int = Field(default=0, description="0: no GPU request; -1: all GPUs; N: N GPUs")
+    shm_size: str = "2g"
+    network_mode: str = "host"
+    timeout_s: int = Field(default=24 * 3600, ge=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+    volumes: list[str] = Field(default_factory=list, description="host:container[:mode] binds")
+    env_passthrough: list[str] = Field(
+        default_factory=lambda: [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_S3_ENDPOINT_URL",
+        ]
+    )
+
+
+class RunnerConfig(StrictModel):
+    kind: Literal["process", "docker"] = "process"
+    docker: DockerRunnerConfig = DockerRunnerConfig()
+
+
+class StoreConfig(StrictModel):
+    uri: str = Field(default=".xlearner/store", description="Local folder or s3://bucket/prefix")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL or AWS"
+    )
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local SQLite file",
+    )
+    experiment: str = "xlearner"
+    register_model: str = "xlearner-backbone"
+
+
+class SynthConfig(StrictModel):
+    """Synthetic sources generated on first use (the quick start and the tests)."""
+
+    enabled: bool = False
+    out: str = ".xlearner/data"
+    seed: int = 0
+    images_per_source: int = Field(default=240, ge=8)
+    image_size: int = Field(default=64, ge=32)
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(default="xlearner", pattern=NAME_PATTERN)
+    seed: int = 0
+    variant: Variant = Variant.xlearner
+    compare: list[Variant] = Field(
+        default_factory=list,
+        description="Extra variants trained and evaluated beside `variant` for the report.",
+    )
+    sources: list[SourceConfig]
+    downstream: list[DownstreamConfig] = Field(default_factory=list)
+    model: ModelConfig = ModelConfig()
+    tasks: dict[TaskType, TrainConfig] = Field(
+        default_factory=dict, description="Per-task hyper-parameters of the expansion stage."
+    )
+    reconcile: ReconcileConfig = ReconcileConfig()
+    squeeze: SqueezeConfig = SqueezeConfig()
+    transfer: TransferConfig = TransferConfig()
+    engine: EngineConfig = EngineConfig()
+    store: StoreConfig = StoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
+    synth: SynthConfig = SynthConfig()
+
+    @model_validator(mode="after")
+    def _check_pipeline(self) -> PipelineConfig:
+        if not self.sources:
+            raise ValueError("sources: at least one source is needed")
+        names = [s.name for s in self.sources] + [d.name for d in self.downstream]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique across sources and downstream: {dupes}")
+        fed = set(self.task_types)
+        orphan = sorted(t.value for t in self.tasks if t not in fed)
+        if orphan:
+            raise ValueError(
+                f"tasks: {orphan} have hyper-parameters but no source feeds them; "
+                f"tasks fed by the sources: {sorted(t.value for t in fed)}"
+            )
+        return self
+
+    @property
+    def task_types(self) -> list[TaskType]:
+        """Tasks fed by the sources, in a stable order: one sub-backbone each."""
+        seen: list[TaskType] = []
+        for source in self.sources:
+            for task in source.resolved_tasks:
+                if task not in seen:
+                    seen.append(task)
+        return sorted(seen, key=list(TaskType).index)
+
+    def sources_for(self, task: TaskType) -> list[SourceConfig]:
+        return [s for s in self.sources if task in s.resolved_tasks]
+
+    def train_config(self, task: TaskType) -> TrainConfig:
+        return self.tasks.get(task, TrainConfig())
+
+    @property
+    def student_backbone(self) -> str:
+        return self.squeeze.student or self.model.backbone
+
+    def fingerprint(self, section: Any) -> str:
+        """Stable hash of a config section (a model, list or dict) for cache keys."""
+        return hash_json(_dump(section))
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _dump(v) for k, v in value.items()}
+    return value
+
+
+def hash_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set squeeze.method=prune")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, path[: i + 1])]
+            else:
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, path)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    """List items are addressed by index or by their ``name`` (``sources.shapes.val_fraction``)."""
+    if part.isdigit():
+        return int(part)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise ConfigError(f"--set {'.'.join(path)}: no list item named {part!r}")
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], origin: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML (or JSON) config file, apply ``key=value`` overrides, validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, origin=str(path))

@@ -1,0 +1,317 @@
+"""ResNet backbones by name, and their safetensors format.
+
+A :class:`Backbone` takes images in [0, 1] (the ImageNet mean/std normalisation is a
+buffer of its stem) and returns the four stage outputs [C2, C3, C4, C5] at strides 4,
+8, 16 and 32. The blocks are torchvision's ``BasicBlock`` / ``Bottleneck``; the stages
+are built here so that the per-stage widths are free (``half_resnet50`` halves every
+width of ResNet-50, which ``width_per_group`` alone cannot do). Weights never download:
+``create_backbone(name, weights=path)`` reads a local file, either one written by
+:func:`save_backbone` or a torchvision ResNet state dict (``conv1``/``bn1``/``layerN``).
+
+On disk a backbone is ``backbone.safetensors`` + ``backbone.json``
+(``{"format": "xlearner-backbone/1", "architecture", "channels", "num_parameters"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+BACKBONE_FORMAT = "xlearner-backbone/1"
+WEIGHTS_FILE = "backbone.safetensors"
+SPEC_FILE = "backbone.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+class BackboneError(ValueError):
+    """A backbone file that cannot be used; the message names the file and the tensor."""
+
+
+class Stem(nn.Module):
+    """[0, 1] images -> ImageNet normalisation -> 7x7/2 conv, BN, ReLU -> 3x3/2 max-pool."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        # Constants, not weights: non-persistent, so checkpoints hold learnable state only.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.conv = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x - self.mean) / self.std
+        return self.maxpool(self.relu(self.bn(self.conv(x))))
+
+
+def make_stage(block: Block, in_channels: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+    """``depth`` blocks of ``planes``, the first with ``stride`` (torchvision's ``_make_layer``)."""
+    out_channels = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = nn.Sequential(
+            conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
+        )
+    layers = [block(in_channels, planes, stride, downsample)]
+    layers += [block(out_channels, planes) for _ in range(depth - 1)]
+    return nn.Sequential(*layers)
+
+
+class Backbone(nn.Module):
+    """A ResNet without its classifier: ``forward(x) -> [C2, C3, C4, C5]``."""
+
+    def __init__(
+        self,
+        name: str,
+        block: Block,
+        depths: Sequence[int],
+        planes: Sequence[int],
+        stem_width: int,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(planes) != 4:
+            raise ValueError(f"a backbone has 4 stages; got depths {depths}, planes {planes}")
+        self.name = name
+        self.channels = tuple(p * block.expansion for p in planes)
+        self.stem = Stem(stem_width)
+        in_channels = stem_width
+        stages = []
+        for index, (depth, width) in enumerate(zip(depths, planes, strict=True)):
+            stages.append(make_stage(block, in_channels, width, depth, stride=1 if index == 0 else 2))
+            in_channels = width * block.expansion
+        self.stages = nn.ModuleList(stages)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """As torchvision's ResNet."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+_REGISTRY: dict[str, Callable[[], Backbone]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[[], Backbone]], Callable[[], Backbone]]:
+    """Decorator: register a zero-argument factory under ``name``."""
+
+    def decorator(factory: Callable[[], Backbone]) -> Callable[[], Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, weights: str | Path | None = None) -> Backbone:
+    """A freshly initialised backbone, or one loaded from the local file ``weights``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
+    backbone = _REGISTRY[name]()
+    if weights is not None:
+        load_backbone_weights(backbone, weights)
+    return backbone
+
+
+@register_backbone("tiny_resnet")
+def tiny_resnet() -> Backbone:
+    """One BasicBlock per stage, widths 16/32/64/128 (~0.3M parameters): CPU runs at 64x64."""
+    return Backbone("tiny_resnet", BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), stem_width=16)
+
+
+@register_backbone("resnet18")
+def resnet18() -> Backbone:
+    return Backbone("resnet18", BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), stem_width=64)
+
+
+@register_backbone("resnet50")
+def resnet50() -> Backbone:
+    return Backbone("resnet50", Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), stem_width=64)
+
+
+@register_backbone("half_resnet50")
+def half_resnet50() -> Backbone:
+    """ResNet-50 with half the channels everywhere: C2..C5 = 128/256/512/1024 (the paper's _r)."""
+    return Backbone("half_resnet50", Bottleneck, (3, 4, 6, 3), (32, 64, 128, 256), stem_width=32)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_backbone(backbone: Backbone, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``backbone.safetensors`` then ``backbone.json`` into ``out_dir``; return the json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    spec = {
+        "format": BACKBONE_FORMAT,
+        "architecture": backbone.name,
+        "channels": list(backbone.channels),
+        "num_parameters": count_parameters(backbone),
+    }
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    _atomic_write(out / SPEC_FILE, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
+    return spec
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _backbone_files(path: str | Path) -> tuple[Path, Path]:
+    """(json, safetensors) for a backbone folder or either of its two files."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not path.is_dir() and path.name not in (WEIGHTS_FILE, SPEC_FILE):
+        raise BackboneError(
+            f"{path}: not a backbone; pass a folder holding {SPEC_FILE} and {WEIGHTS_FILE} "
+            f"(written by save_backbone) or one of those two files"
+        )
+    return folder / SPEC_FILE, folder / WEIGHTS_FILE
+
+
+def read_backbone_spec(path: str | Path) -> dict[str, Any]:
+    """The validated ``backbone.json`` of a backbone folder (or of one of its files)."""
+    spec_path, _ = _backbone_files(path)
+    if not spec_path.is_file():
+        raise BackboneError(f"{spec_path} is missing: not a backbone folder (see save_backbone)")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{spec_path}: not readable JSON ({err})") from None
+    if not isinstance(spec, dict) or spec.get("format") != BACKBONE_FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise BackboneError(
+            f"{spec_path}: not a backbone spec: field 'format' is {found!r}, expected {BACKBONE_FORMAT!r}"
+        )
+    if spec.get("architecture") not in _REGISTRY:
+        raise BackboneError(
+            f"{spec_path}: unknown architecture {spec.get('architecture')!r}; "
+            f"available: {available_backbones()}"
+        )
+    return spec
+
+
+def load_backbone(path: str | Path) -> Backbone:
+    """Rebuild a backbone saved by :func:`save_backbone` (a folder or one of its files)."""
+    spec_path, weights_path = _backbone_files(path)
+    spec = read_backbone_spec(spec_path)
+    backbone = create_backbone(spec["architecture"])
+    if list(spec.get("channels", [])) != list(backbone.channels):
+        raise BackboneError(
+            f"{spec_path}: field 'channels' is {spec.get('channels')} but architecture "
+            f"{spec['architecture']!r} has {list(backbone.channels)}"
+        )
+    return load_backbone_weights(backbone, weights_path)
+
+
+def load_backbone_weights(backbone: Backbone, file: str | Path) -> Backbone:
+    """Load ``file`` (safetensors, or a ``torch.save`` state dict read with weights_only)
+    into ``backbone`` strictly: every tensor present, no extra tensor, same shapes."""
+    file = Path(file)
+    state = _remap_torchvision(_read_tensors(file))
+    expected = backbone.state_dict()
+    if not state.keys() & expected.keys():
+        raise BackboneError(
+            f"{file}: not a {backbone.name} backbone: none of its {len(expected)} tensors "
+            f"(e.g. {_some(expected)}) is in the file, which holds {_some(state) or 'no tensors'}"
+        )
+    # Old torchvision checkpoints lack the BN counters; they are bookkeeping, not weights.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise BackboneError(
+            f"{file}: {len(missing)} tensors of {backbone.name} are missing, e.g. {_some(missing)}"
+        )
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise BackboneError(
+            f"{file}: {len(unexpected)} tensors are not part of {backbone.name}, e.g. {_some(unexpected)}"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise BackboneError(
+                f"{file}: tensor {key!r} has shape {list(tensor.shape)} but {backbone.name} "
+                f"expects {list(expected[key].shape)}"
+            )
+    backbone.load_state_dict(state, strict=False)
+    return backbone
+
+
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise BackboneError(f"{file}: weights file does not exist")
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise BackboneError(f"{file}: not a readable safetensors file ({err})") from None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not usable"
+        raise BackboneError(
+            f"{file}: not a safetensors file and not a weights-only torch state dict ({err})"
+        ) from None
+    if isinstance(state, Mapping) and len(state) == 1 and isinstance(next(iter(state.values())), Mapping):
+        state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}}
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BackboneError(f"{file}: expected a mapping of tensor names to tensors")
+    return dict(state)
+
+
+def _remap_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision ResNet names (conv1, bn1, layer1..4, fc) -> ours (stem.*, stages.0..3)."""
+    if "conv1.weight" not in state:
+        return state
+    renamed = {}
+    for key, tensor in state.items():
+        if key.startswith("fc."):
+            continue
+        if key.startswith("conv1."):
+            key = "stem.conv." + key.removeprefix("conv1.")
+        elif key.startswith("bn1."):
+            key = "stem.bn." + key.removeprefix("bn1.")
+        elif key.startswith("layer") and key[5:6].isdigit():
+            key = f"stages.{int(key[5]) - 1}{key[6:]}"
+        renamed[key] = tensor
+    return renamed
+
+
+def _some(names: Sequence[str] | Mapping[str, Any], limit: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

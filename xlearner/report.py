@@ -1,0 +1,245 @@
+"""The comparison report: one row per variant or baseline, its transfer results.
+
+``build_report(rows)`` validates the rows and adds the averages; ``write_report`` writes
+``report.json``, ``report.md`` (a table like the paper's) and ``report.png`` (a grouped
+bar chart). Metrics are percentages (0-100); a value that was not measured is ``None``
+or absent and renders as ``-``.
+
+A row: ``{"name": str, "cls": {dataset: top1}, "det": {dataset: mAP},
+"seg": {dataset: mIoU}, "parameters": int, "train_images": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from statistics import fmean
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+REPORT_FORMAT = "xlearner-report/1"
+TASKS = ("cls", "det", "seg")
+ROW_KEYS = {"name", *TASKS, "parameters", "train_images"}
+MISSING = "-"
+# Summary metrics: report key -> label (table columns, chart legend).
+SUMMARIES = {"avg_cls": "AVG Cls", "det_map": "Det mAP", "seg_miou": "Seg mIoU"}
+SUMMARY_OF_TASK = {"cls": "avg_cls", "det": "det_map", "seg": "seg_miou"}
+
+
+def _row_error(index: int, row: dict, message: str) -> ValueError:
+    name = row.get("name") if isinstance(row, dict) else None
+    where = f"report row {index}" + (f" ({name!r})" if isinstance(name, str) else "")
+    return ValueError(f"{where}: {message}")
+
+
+def _check_metrics(index: int, row: dict, task: str) -> dict[str, float | None]:
+    metrics = row.get(task) or {}
+    if not isinstance(metrics, dict):
+        raise _row_error(index, row, f"{task!r} must be a dict dataset -> percent")
+    checked: dict[str, float | None] = {}
+    for dataset, value in metrics.items():
+        if value is None:
+            checked[dataset] = None
+            continue
+        if (
+            not isinstance(dataset, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and 0.0 <= value <= 100.0)
+        ):
+            raise _row_error(
+                index,
+                row,
+                f"{task}[{dataset!r}] must be a percentage in [0, 100] (or None); got {value!r}",
+            )
+        checked[dataset] = float(value)
+    return checked
+
+
+def _check_count(index: int, row: dict, key: str) -> int | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _row_error(index, row, f"{key!r} must be a non-negative int (or None); got {value!r}")
+    return value
+
+
+def _summary(values: dict[str, float | None], datasets: list[str]) -> float | None:
+    """Mean over all of the report's data sets of a task; None when any is missing."""
+    if not datasets or any(values.get(d) is None for d in datasets):
+        return None
+    return fmean(values[d] for d in datasets)
+
+
+def build_report(rows: list[dict]) -> dict:
+    """Validate the rows and add per-task summaries (``avg_cls``, ``det_map``, ``seg_miou``).
+
+    A summary averages over every data set of that task in the report, so it is only
+    given (otherwise ``None``) for a row measured on all of them: an average over a
+    different subset would not be comparable between rows.
+    """
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("build_report needs a non-empty list of row dicts")
+    checked = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"report row {index} must be a dict; got {type(row).__name__}")
+        unknown = sorted(set(row) - ROW_KEYS)
+        if unknown:
+            raise _row_error(index, row, f"unknown keys {unknown}; allowed: {sorted(ROW_KEYS)}")
+        name = row.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _row_error(index, row, "'name' must be a non-empty string")
+        if any(name == other["name"] for other in checked):
+            raise _row_error(index, row, f"duplicate name {name!r}: every row needs its own name")
+        checked.append(
+            {
+                "name": name,
+                **{task: _check_metrics(index, row, task) for task in TASKS},
+                "parameters": _check_count(index, row, "parameters"),
+                "train_images": _check_count(index, row, "train_images"),
+            }
+        )
+    datasets = {
+        task: list(dict.fromkeys(d for row in checked for d in row[task])) for task in TASKS
+    }
+    for row in checked:
+        for task in TASKS:
+            row[SUMMARY_OF_TASK[task]] = _summary(row[task], datasets[task])
+    return {"format": REPORT_FORMAT, "datasets": datasets, "rows": checked}
+
+
+def _check_report(report: dict) -> None:
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ValueError(f"not a report from build_report (expected format {REPORT_FORMAT!r})")
+
+
+def _cell(value: float | None, render: Callable[[float], str]) -> str:
+    return MISSING if value is None else render(value)
+
+
+def _percent(value: float | None) -> str:
+    return _cell(value, "{:.1f}".format)
+
+
+def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
+    """(header, row -> cell text) for every table column."""
+    datasets = report["datasets"]
+
+    def metric(task: str, dataset: str) -> Callable[[dict], str]:
+        return lambda row: _percent(row[task].get(dataset))
+
+    columns = [
+        ("Method", lambda row: row["name"]),
+        ("AVG Cls", lambda row: _percent(row["avg_cls"])),
+    ]
+    columns += [(dataset, metric("cls", dataset)) for dataset in datasets["cls"]]
+    for task in ("det", "seg"):
+        label = SUMMARIES[SUMMARY_OF_TASK[task]]
+        per_dataset = [(f"{label} ({d})", metric(task, d)) for d in datasets[task]]
+        columns += per_dataset or [(label, lambda row: MISSING)]
+    columns.append(("Params (M)", lambda row: _cell(row["parameters"], lambda n: f"{n / 1e6:.2f}")))
+    columns.append(("Train images", lambda row: _cell(row["train_images"], "{:,}".format)))
+    return columns
+
+
+def format_table(report: dict) -> str:
+    """The report as a markdown table, padded so it also reads as plain text."""
+    _check_report(report)
+    columns = _columns(report)
+    cells = [[header for header, _ in columns]]
+    cells += [[cell(row) for _, cell in columns] for row in report["rows"]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+
+    def line(values: list[str]) -> str:
+        # Method left-aligned, numbers right-aligned (also in the markdown rule below).
+        padded = [values[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(values[1:], widths[1:], strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(values) for values in cells[1:])])
+
+
+def _markdown(report: dict) -> str:
+    cls_sets = report["datasets"]["cls"]
+    notes = [
+        f"AVG Cls: mean linear-probe top-1 over the {len(cls_sets)} classification "
+        "data set(s); Det: COCO-style box mAP; Seg: mIoU; all in percent.",
+        f"`{MISSING}`: not measured (an average needs every data set of its task).",
+    ]
+    return (
+        "# Transfer comparison\n\n"
+        + format_table(report)
+        + "\n\n"
+        + "\n".join(f"- {note}" for note in notes)
+        + "\n"
+    )
+
+
+def _chart(report: dict) -> Figure:
+    """Grouped bars: one group per row, one bar per summary metric that any row has."""
+    rows = report["rows"]
+    metrics = [key for key in SUMMARIES if any(row[key] is not None for row in rows)]
+    figure = Figure(figsize=(max(6.5, 1.3 * len(rows) + 2.5), 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    cls_sets = len(report["datasets"]["cls"])
+    axes.set_title(f"Transfer evaluation per variant (AVG Cls over {cls_sets} classification sets)")
+    positions = range(len(rows))
+    axes.set_xticks(
+        list(positions), [textwrap.fill(row["name"], 14, break_long_words=False) for row in rows]
+    )
+    axes.set_ylabel("score (%)")
+    if not metrics:
+        axes.text(0.5, 0.5, "no complete metric to plot", ha="center", transform=axes.transAxes)
+        return figure
+    width = 0.8 / len(metrics)
+    top = max(row[key] for row in rows for key in metrics if row[key] is not None)
+    for k, key in enumerate(metrics):
+        offsets = [p + (k - (len(metrics) - 1) / 2) * width for p in positions]
+        values = [row[key] for row in rows]
+        bars = axes.bar(
+            [x for x, v in zip(offsets, values, strict=True) if v is not None],
+            [v for v in values if v is not None],
+            width * 0.95,
+            label=SUMMARIES[key],
+        )
+        axes.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        for x, value in zip(offsets, values, strict=True):
+            if value is None:
+                axes.text(x, 0, MISSING, ha="center", va="bottom", color="0.4", fontsize=11)
+    axes.set_ylim(0, max(top * 1.15, 1.0))
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return figure
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into the folder ``out_dir``."""
+    _check_report(report)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"report.{kind}" for kind in ("json", "md", "png")}
+    _write_atomic(paths["json"], lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    _write_atomic(paths["md"], lambda p: p.write_text(_markdown(report)))
+    figure = _chart(report)
+    _write_atomic(paths["png"], lambda p: figure.savefig(p, format="png", dpi=120))
+    return paths

@@ -1,0 +1,1 @@
+"""Serving: the published backbone as an MLflow pyfunc model (loaded without pickles)."""

@@ -1,0 +1,177 @@
+"""A pruned expanded network exported as one backbone, and its pickle-free file format.
+
+:class:`PrunedReconciledBackbone` wraps a (channel-pruned) :class:`ReconciledNetwork`
+and returns, per level, the concatenation over tasks of the reconciled features
+F_i^t: a drop-in for a :class:`~xlearner.models.backbones.Backbone` (``.channels``,
+``forward(x) -> [C2, C3, C4, C5]``, images in [0, 1]).
+
+On disk it is the backbone layout (``backbone.safetensors`` + ``backbone.json`` with
+``"architecture": "pruned_reconciled"``). The json also holds the unpruned trunk's spec
+and the shape of every tensor: loading rebuilds the unpruned trunk, shrinks each layer
+to the recorded shapes and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from xlearner.models.backbones import (
+    BACKBONE_FORMAT,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    BackboneError,
+    count_parameters,
+)
+from xlearner.models.multitask import build_trunk
+from xlearner.models.reconciliation import NUM_STAGES, ReconciledNetwork
+
+PRUNED_ARCHITECTURE = "pruned_reconciled"
+PROBE_SIZE = 64
+
+
+class PrunedReconciledBackbone(nn.Module):
+    """``forward(x) -> [cat_t F_1^t, ..., cat_t F_4^t]`` (tasks in ``trunk.tasks`` order)."""
+
+    def __init__(self, trunk: ReconciledNetwork, trunk_spec: Mapping[str, Any]) -> None:
+        super().__init__()
+        if not isinstance(trunk, ReconciledNetwork):
+            raise TypeError(f"expected a ReconciledNetwork trunk, got {type(trunk).__name__}")
+        self.name = PRUNED_ARCHITECTURE
+        self.trunk = trunk
+        self.trunk_spec = dict(trunk_spec)
+        self.channels = self.measure_channels()
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = self.trunk(x)
+        return [torch.cat([features[task][i] for task in self.trunk.tasks], dim=1) for i in range(NUM_STAGES)]
+
+    @torch.no_grad()
+    def measure_channels(self) -> tuple[int, ...]:
+        """C2..C5 widths from one small forward (the sub-backbones' ``.channels`` attributes
+        describe the unpruned widths, not the pruned layers)."""
+        param = next(self.parameters())
+        was_training = self.training
+        self.eval()
+        try:
+            probe = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=param.device, dtype=param.dtype)
+            return tuple(int(f.shape[1]) for f in self(probe))
+        finally:
+            self.train(was_training)
+
+
+def save_pruned_backbone(backbone: PrunedReconciledBackbone, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``backbone.safetensors`` then ``backbone.json``; returns the json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    spec = {
+        "format": BACKBONE_FORMAT,
+        "architecture": PRUNED_ARCHITECTURE,
+        "channels": list(backbone.channels),
+        "num_parameters": count_parameters(backbone),
+        "trunk": backbone.trunk_spec,
+        "shapes": {name: list(t.shape) for name, t in tensors.items()},
+    }
+    save_file(tensors, out / WEIGHTS_FILE)
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return spec
+
+
+def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
+    """Rebuild a backbone written by :func:`save_pruned_backbone` (its folder or either file)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    spec_path, weights_path = folder / SPEC_FILE, folder / WEIGHTS_FILE
+    spec = _read_spec(spec_path)
+    try:
+        trunk = build_trunk(spec["trunk"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackboneError(f"{spec_path}: field 'trunk' is not a valid reconciled trunk spec ({err})") from None
+    if not isinstance(trunk, ReconciledNetwork):
+        raise BackboneError(f"{spec_path}: field 'trunk' must describe a reconciled trunk, got {spec['trunk']}")
+    shrink_to_shapes(trunk, {k.removeprefix("trunk."): v for k, v in spec["shapes"].items()}, spec_path)
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as err:
+        raise BackboneError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    backbone = PrunedReconciledBackbone(trunk, spec["trunk"])
+    expected = backbone.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise BackboneError(
+            f"{weights_path} does not match {spec_path}: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}, shapes differing from 'shapes' {mismatched[:5]}"
+        )
+    backbone.load_state_dict(state, strict=True)
+    backbone.channels = backbone.measure_channels()
+    return backbone.eval()
+
+
+def _read_spec(spec_path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{spec_path}: not a readable backbone spec ({err})") from None
+    if not isinstance(spec, dict) or spec.get("format") != BACKBONE_FORMAT:
+        raise BackboneError(f"{spec_path}: field 'format' must be {BACKBONE_FORMAT!r}")
+    if spec.get("architecture") != PRUNED_ARCHITECTURE:
+        raise BackboneError(
+            f"{spec_path}: field 'architecture' is {spec.get('architecture')!r}, expected "
+            f"{PRUNED_ARCHITECTURE!r}; load other backbones with load_backbone"
+        )
+    for field, kind in (("trunk", dict), ("shapes", dict)):
+        if not isinstance(spec.get(field), kind):
+            raise BackboneError(f"{spec_path}: field {field!r} is missing or not a {kind.__name__}")
+    return spec
+
+
+def shrink_to_shapes(model: nn.Module, shapes: Mapping[str, list[int]], origin: Path | str) -> None:
+    """Resize every Conv2d / BatchNorm2d / Linear of ``model`` to the recorded tensor shapes.
+
+    The tensors are replaced by uninitialised ones (the weights are loaded next) and the
+    layers' size attributes updated, so ``model`` becomes the pruned architecture.
+    """
+    for prefix, module in model.named_modules():
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        resized = False
+        for name, tensor in tensors.items():
+            key = f"{prefix}.{name}" if prefix else name
+            shape = shapes.get(key)
+            if shape is None or list(tensor.shape) == list(shape):
+                continue
+            if not isinstance(module, nn.Conv2d | nn.BatchNorm2d | nn.Linear):
+                raise BackboneError(
+                    f"{origin}: tensor {key!r} has shape {shape} but {type(module).__name__} layers "
+                    f"cannot be resized (only Conv2d, BatchNorm2d, Linear)"
+                )
+            empty = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, name, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(name, empty)
+            resized = True
+        if resized:
+            _update_sizes(module)
+
+
+def _update_sizes(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.BatchNorm2d):
+        module.num_features = module.weight.shape[0] if module.weight is not None else module.running_mean.shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape

@@ -1,0 +1,184 @@
+"""Thin MLflow helpers: one parent run per pipeline run, one nested run per stage.
+
+Stages run in other processes (or containers): the pipeline creates the parent run and
+passes its id, each stage opens a child with ``parent_run_id``. Names are the same in
+every run (``train/loss``, ``val/<source>.<task>/<metric>``, ``transfer/avg_cls``) so the
+MLflow compare view lines runs up. Nothing that looks like a secret is ever logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from xlearner.config import TrackingConfig
+
+log = logging.getLogger("xlearner.tracking")
+
+DEFAULT_DB = ".xlearner/mlflow.db"
+SECRET_WORDS = re.compile(r"secret|password|token|access_key|credential|session_key", re.IGNORECASE)
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else a local SQLite file."""
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def configure(cfg: TrackingConfig) -> str:
+    """Point MLflow at the tracking server and make sure the experiment exists."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):  # embedded default: artifacts in a folder beside the db
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+def metric_key(name: str) -> str:
+    """MLflow allows letters, digits, ``_-./`` and spaces: ``src:cls`` becomes ``src.cls``."""
+    return _BAD_CHARS.sub(".", name)
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(SECRET_WORDS.search(key))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}`` with secret-looking keys dropped."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) and "name" in v for v in data):
+        for v in data:
+            out.update(flatten(v, f"{prefix}{v['name']}."))
+    else:
+        key = prefix.rstrip(".")
+        if not is_secret_key(key):
+            out[key] = str(data)[:500]
+    return out
+
+
+class StageTracker:
+    """Logs a stage's params, metrics and artifacts to its MLflow run (or nowhere)."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_params({metric_key(k): v for k, v in flatten(params).items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.set_tags({k: v for k, v in tags.items() if not is_secret_key(k)})
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: TrackingConfig, parent_run_id: str | None, stage: str, tags: dict[str, str] | None = None
+) -> Iterator[StageTracker]:
+    """A nested MLflow run under ``parent_run_id``; without a parent, tracking is off."""
+    if not parent_run_id:
+        yield StageTracker(None)
+        return
+    import mlflow
+
+    os.environ.pop("MLFLOW_RUN_ID", None)  # an exported run id would override parent_run_id
+    configure(cfg)
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags={"xlearner.stage": stage, **(tags or {})}) as run:
+        yield StageTracker(run.info.run_id)
+
+
+def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """``{"src:cls": {"top1": 90}}`` -> ``{"val/src:cls/top1": 90}``."""
+    return {f"{prefix}/{stream}/{k}": v for stream, values in metrics.items() for k, v in values.items()}
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: TrackingConfig, name: str, params: dict, tags: dict[str, str]) -> Iterator[str]:
+    """The parent MLflow run of one pipeline run; yields its id for the stages."""
+    import mlflow
+
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    configure(cfg)
+    with mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if not is_secret_key(k)}) as run:
+        flat = {metric_key(k): v for k, v in flatten(params).items()}
+        items = sorted(flat.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield run.info.run_id
+
+
+def register_backbone(cfg: TrackingConfig, backbone_dir: str | Path, avg_cls: float) -> dict:
+    """Log the backbone as a pyfunc model in the active run and register a version of it.
+
+    The alias ``champion`` moves to the new version only if its AVG Cls beats the
+    current champion's.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    code = Path(__file__).parent / "serving" / "backbone_model.py"
+    info = mlflow.pyfunc.log_model(
+        name="backbone",
+        python_model=str(code),
+        artifacts={"backbone": str(backbone_dir)},
+        pip_requirements=["xlearner"],
+        registered_model_name=cfg.register_model,
+    )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(cfg.register_model, version, "avg_cls", f"{avg_cls:.4f}")
+    try:
+        champion = client.get_model_version_by_alias(cfg.register_model, "champion")
+        best = float(champion.tags.get("avg_cls", "-inf"))
+    except mlflow.exceptions.MlflowException:
+        champion, best = None, float("-inf")
+    promoted = avg_cls > best
+    if promoted:
+        client.set_registered_model_alias(cfg.register_model, "champion", version)
+    return {
+        "model": cfg.register_model,
+        "version": version,
+        "champion": promoted,
+        "previous_champion": champion.version if champion else None,
+        "model_uri": f"models:/{cfg.register_model}/{version}",
+    }
