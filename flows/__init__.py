@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows, stage runners and the local service stack."""

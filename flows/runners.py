@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from xlearner.config import DockerRunnerConfig, RunnerConfig
 
@@ -73,18 +73,6 @@ class StageFailed(RuntimeError):
         return type(self), (self.stage, self.returncode, self.log_tail, self.reason)
 
 
-class StageRunner(Protocol):
-    def run(
-        self,
-        stage: str,
-        args: list[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-    ) -> StageResult: ...
-
-
 def stage_command(stage: str, args: list[str], python: str = "python") -> list[str]:
     return [python, "-m", f"stages.{stage}", *args]
 
@@ -100,9 +88,8 @@ def secret_values(env: Mapping[str, str]) -> list[str]:
 
 def redact(text: str, secrets: Iterable[str]) -> str:
     """Mask every secret value and every password inside a URL (``scheme://user:pw@``)."""
-    for secret in sorted(
-        set(secrets), key=len, reverse=True
-    ):  # longest first: no partial leftovers
+    # Longest first, so that a secret containing another one leaves no partial value.
+    for secret in sorted(set(secrets), key=len, reverse=True):
         if len(secret) >= MIN_SECRET_LENGTH:
             text = text.replace(secret, MASK)
     return URL_PASSWORD.sub(rf"\g<head>{MASK}@", text)
@@ -205,7 +192,37 @@ def _default_log(line: str) -> None:
     logger.info("%s", line)
 
 
-class ProcessRunner:
+class StageRunner:
+    """What both runners share: ``run`` a stage = ``run_command`` of its stage command."""
+
+    python = "python"  # the interpreter that runs ``-m stages.<name>``
+
+    def run(
+        self,
+        stage: str,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log: LogFn | None = None,
+        timeout_s: float | None = None,
+    ) -> StageResult:
+        command = stage_command(stage, args, self.python)
+        return self.run_command(command, stage=stage, env=env, log=log, timeout_s=timeout_s)
+
+    def run_command(
+        self,
+        command: list[str],
+        *,
+        stage: str,
+        env: Mapping[str, str] | None = None,
+        log: LogFn | None = None,
+        timeout_s: float | None = None,
+    ) -> StageResult:
+        """Run any command under the stage protocol (tests pass their own)."""
+        raise NotImplementedError
+
+
+class ProcessRunner(StageRunner):
     """Runs a stage as a local subprocess of ``python`` (default: this interpreter)."""
 
     def __init__(
@@ -218,23 +235,6 @@ class ProcessRunner:
         self.cwd = cwd
         self.kill_grace_s = kill_grace_s
 
-    def run(
-        self,
-        stage: str,
-        args: list[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-    ) -> StageResult:
-        return self.run_command(
-            stage_command(stage, args, self.python),
-            stage=stage,
-            env=env,
-            log=log,
-            timeout_s=timeout_s,
-        )
-
     def run_command(
         self,
         command: list[str],
@@ -244,7 +244,6 @@ class ProcessRunner:
         log: LogFn | None = None,
         timeout_s: float | None = None,
     ) -> StageResult:
-        """Run any command under the stage protocol (``run`` passes the stage's command)."""
         child_env = stage_environment(os.environ, env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed
         collector = _LogCollector(stage, log or _default_log, secret_values(child_env))
@@ -303,13 +302,15 @@ def _lines_of(chunks: Iterable[bytes]) -> Iterator[str]:
         yield buffer.decode("utf-8", errors="replace")
 
 
-class DockerRunner:
+class DockerRunner(StageRunner):
     """Runs each stage in a fresh container of ``config.image`` (removed afterwards).
 
-    The container gets only the variables named in ``config.env_passthrough`` (when set
-    here) plus the explicit ``env``; GPUs are requested per container with
+    The container gets only the variables named in ``config.env_passthrough`` (those set
+    in this process) plus the explicit ``env``; GPUs are requested per container with
     ``device_requests`` when ``config.gpus`` is not 0. It runs as ``user`` (non-root by
     default) with ``init`` (docker-init) as PID 1, so a stop's SIGTERM reaches the stage.
+    ``create_options`` adds arguments of ``containers.create`` that the config does not
+    have (``mem_limit``, ``cpu_quota``, ...).
     """
 
     def __init__(
@@ -320,12 +321,14 @@ class DockerRunner:
         user: str | None = DEFAULT_CONTAINER_USER,
         init: bool = True,
         stop_timeout_s: int = 10,
+        create_options: Mapping[str, Any] | None = None,
     ):
         self.config = config
         self._client = client
         self.user = user
         self.init = init
         self.stop_timeout_s = stop_timeout_s
+        self.create_options = dict(create_options or {})
 
     @property
     def client(self) -> Any:
@@ -366,25 +369,13 @@ class DockerRunner:
             network_mode=cfg.network_mode,
             volumes=list(cfg.volumes),
             init=self.init,
+            **self.create_options,
         )
         if self.user is not None:
             kwargs["user"] = self.user
         if cfg.gpus != 0:
             kwargs["device_requests"] = [DeviceRequest(count=cfg.gpus, capabilities=[["gpu"]])]
         return kwargs
-
-    def run(
-        self,
-        stage: str,
-        args: list[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-    ) -> StageResult:
-        return self.run_command(
-            stage_command(stage, args, "python"), stage=stage, env=env, log=log, timeout_s=timeout_s
-        )
 
     def run_command(
         self,
@@ -405,17 +396,18 @@ class DockerRunner:
         collector = _LogCollector(stage, log or _default_log, secret_values(kwargs["environment"]))
         started = time.monotonic()
         deadline = _deadline(timeout_s)
+        timed_out = f"timed out after {timeout_s:g} s and was stopped"
         container = self._create(kwargs)
         try:
-            container.start()
+            self._start(container, stage)
             logs = container.logs(stream=True, follow=True, stdout=True, stderr=True)
             if not _pump(_lines_of(logs), collector, deadline):
                 self._stop(container)
-                raise collector.failed(None, f"timed out after {timeout_s:g} s and was stopped")
+                raise collector.failed(None, timed_out)
             returncode, reason = self._wait(container, deadline)
             if returncode is None:
                 self._stop(container)
-                raise collector.failed(None, f"timed out after {timeout_s:g} s and was stopped")
+                raise collector.failed(None, timed_out)
         except BaseException as err:
             if not isinstance(err, StageFailed):
                 self._stop(container)
@@ -436,6 +428,22 @@ class DockerRunner:
                 f"the stage image {kwargs['image']!r} is not on the Docker engine ({err}); build "
                 f"it with `docker build -f docker/Dockerfile.stage -t {kwargs['image']} .` or "
                 "set runner.docker.image"
+            ) from err
+
+    def _start(self, container: Any, stage: str) -> None:
+        import docker
+
+        try:
+            container.start()
+        except docker.errors.APIError as err:
+            hint = ""
+            if self.config.gpus != 0:
+                hint = (
+                    f"; it asks for GPUs (runner.docker.gpus={self.config.gpus}): the host needs "
+                    "an NVIDIA driver and the NVIDIA Container Toolkit, or set runner.docker.gpus=0"
+                )
+            raise RuntimeError(
+                f"cannot start the container of stage {stage!r}: {err.explanation or err}{hint}"
             ) from err
 
     def _wait(self, container: Any, deadline: float | None) -> tuple[int | None, str]:
@@ -476,5 +484,5 @@ class DockerRunner:
 
 def make_runner(runner_config: RunnerConfig) -> ProcessRunner | DockerRunner:
     if runner_config.kind == "docker":
-        return DockerRunner(runner_config.docker)
+        return DockerRunner(runner_config.docker, user=runner_config.docker.user)
     return ProcessRunner()

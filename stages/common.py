@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from xlearner import distributed
 from xlearner.config import ConfigError, PipelineConfig, apply_overrides, validate_config
 from xlearner.engine import Checkpointer
 from xlearner.store import ArtifactStore, StoreError, open_store
@@ -91,7 +92,8 @@ class StageOutput:
 
     def publish_file(self, path: Path, key: str | None = None) -> str:
         key = key or path.relative_to(self.work).as_posix()
-        self.files[key] = self.store.upload_file(key, path)
+        if distributed.is_main_process():  # under DDP every rank trains, rank 0 publishes
+            self.files[key] = self.store.upload_file(key, path)
         return self.store.uri(key)
 
     def publish_dir(self, folder: Path) -> str:
@@ -100,17 +102,20 @@ class StageOutput:
         return self.store.uri(folder.relative_to(self.work).as_posix())
 
     def publish_json(self, key: str, value: Any) -> str:
-        self.files[key] = self.store.write_json(key, value)
+        if distributed.is_main_process():
+            self.files[key] = self.store.write_json(key, value)
         return self.store.uri(key)
 
     def finish(self, result: dict) -> dict:
         result = {**result, "out": self.uri, "files": dict(sorted(self.files.items()))}
-        self.store.write_json(RESULT_FILE, result)
+        if distributed.is_main_process():
+            self.store.write_json(RESULT_FILE, result)
         self._tmp.cleanup()
         return result
 
     def drop_checkpoints(self) -> None:
-        self.store.delete_prefix("checkpoints")
+        if distributed.is_main_process():
+            self.store.delete_prefix("checkpoints")
 
 
 def emit_result(result: dict) -> None:
@@ -122,6 +127,7 @@ def run_stage(stage: str, body: Callable[[], dict]) -> int:
     setup_logging()
     t0 = time.perf_counter()
     try:
+        distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
         result = body()
     except (ConfigError, StoreError, ValueError, FileNotFoundError) as err:
         log.error(f"stage {stage} failed: {err}")
@@ -129,9 +135,12 @@ def run_stage(stage: str, body: Callable[[], dict]) -> int:
     except Exception:  # noqa: BLE001 - a stage reports every failure on its way out
         log.error(f"stage {stage} failed:\n{traceback.format_exc()}")
         return 1
+    finally:
+        distributed.cleanup()
     result.setdefault("stage", stage)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    emit_result(result)
+    if distributed.is_main_process():
+        emit_result(result)
     return 0
 
 

@@ -224,6 +224,7 @@ class DockerRunnerConfig(StrictModel):
     gpus: int = Field(default=0, description="0: no GPU request; -1: all GPUs; N: N GPUs")
     shm_size: str = "2g"
     network_mode: str = "host"
+    user: str = Field(default="10001:10001", description="uid:gid in the container (non-root)")
     timeout_s: int = Field(default=24 * 3600, ge=1)
     labels: dict[str, str] = Field(default_factory=dict)
     volumes: list[str] = Field(default_factory=list, description="host:container[:mode] binds")

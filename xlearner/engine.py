@@ -346,7 +346,7 @@ class Trainer:
                 totals[f"{stream.name}/loss"] = totals.get(f"{stream.name}/loss", 0.0) + float(stream_loss.detach()) / micro
                 images_in_step += images.shape[0]
             (loss / micro).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss) / micro
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / micro
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"[{self.name}] loss is {totals['loss']} at step {step}; lower the learning rate")
         self.optimizer.step()

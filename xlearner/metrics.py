@@ -172,7 +172,9 @@ class DetectionMAP(MetricAccumulator):
     def _coco_records(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """COCO ids start at 1: COCOeval treats id 0 as "unmatched"."""
         images, annotations, results = [], [], []
-        for image_id, (target, pred) in enumerate(zip(self.images, self.detections), start=1):
+        for image_id, (target, pred) in enumerate(
+            zip(self.images, self.detections, strict=True), start=1
+        ):
             images.append({"id": image_id})
             for box, label in zip(target["boxes"], target["labels"], strict=True):
                 x, y, w, h = _xywh(box)
@@ -186,7 +188,9 @@ class DetectionMAP(MetricAccumulator):
                         "iscrowd": 0,
                     }
                 )
-            for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):
+            for box, score, label in zip(
+                pred["boxes"], pred["scores"], pred["labels"], strict=True
+            ):
                 results.append(
                     {
                         "image_id": image_id,

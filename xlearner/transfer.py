@@ -188,6 +188,7 @@ def _fit_softmax_regression(
     l2: float,
     max_iter: int,
     init: tuple[Tensor, Tensor] | None = None,
+    tol: float = 1e-4,
 ) -> tuple[Tensor, Tensor, int]:
     """Minimise ``mean CE(x @ W.T + b, y) + l2 / 2 * ||W||^2`` (bias not penalised).
 
@@ -210,7 +211,7 @@ def _fit_softmax_regression(
         [weight, bias],
         lr=1.0,
         max_iter=max_iter,
-        tolerance_grad=1e-4,
+        tolerance_grad=tol,
         tolerance_change=1e-9,
         history_size=10,
         line_search_fn="strong_wolfe",

@@ -10,6 +10,8 @@ command line) do their job against real servers.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import http.server
 import importlib.metadata
 import os
 import re
@@ -18,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -264,46 +268,46 @@ def test_postgres_init_creates_one_database_per_role():
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    as_root = os.geteuid() == 0
+    if as_root and subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
+        pytest.skip("running as root and there is no `postgres` user to run the server as")
+    as_server = ["runuser", "-u", "postgres", "--"] if as_root else []
     root = Path(tempfile.mkdtemp(prefix="xl-pg-"))
-    if os.geteuid() == 0:
+    if as_root:
         shutil.chown(root, "postgres", "postgres")
     data, port = root / "data", free_port()
-    subprocess.run(
-        [*as_server, initdb, "-D", str(data), "-U", "postgres", "--auth-local=trust",
-         "--auth-host=scram-sha-256"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        [*as_server, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    auth = ["--auth-local=trust", "--auth-host=scram-sha-256"]  # as the postgres image
+    init = [initdb, "-D", str(data), "-U", "postgres", "--no-sync", *auth]
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    start = [pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+    subprocess.run([*as_server, *init], check=True, capture_output=True)
+    subprocess.run([*as_server, *start], check=True, capture_output=True)
     try:
         passwords = {"PREFECT_DB_PASSWORD": "pf-pw-4d2b", "MLFLOW_DB_PASSWORD": "ml-pw-9c1e"}
         env = {**os.environ, "PGHOST": str(root), "PGPORT": str(port), **passwords}
-        init = subprocess.run(
+        init_script = subprocess.run(
             [str(DOCKER / "postgres-init.sh")], env=env, capture_output=True, text=True
         )
-        assert init.returncode == 0, init.stderr
-        assert "pw-" not in init.stdout + init.stderr  # passwords are never echoed
+        assert init_script.returncode == 0, init_script.stderr
+        assert "pw-" not in init_script.stdout + init_script.stderr  # passwords are never echoed
 
-        def connect(user: str, password: str, database: str) -> subprocess.CompletedProcess:
-            tcp = {**os.environ, "PGPASSWORD": password}
+        def whoami(user: str, password: str, database: str) -> subprocess.CompletedProcess:
+            query = "SELECT current_user || '@' || current_database()"
+            psql = ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", database]
             return subprocess.run(
-                ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", database,
-                 "-tAc", "SELECT current_user || '@' || current_database()"],
-                env=tcp, capture_output=True, text=True,
-            )  # fmt: skip
+                [*psql, "-tAc", query],
+                env={**os.environ, "PGPASSWORD": password},
+                capture_output=True,
+                text=True,
+            )
 
-        assert connect("prefect", "pf-pw-4d2b", "prefect").stdout.strip() == "prefect@prefect"
-        assert connect("mlflow", "ml-pw-9c1e", "mlflow").stdout.strip() == "mlflow@mlflow"
-        assert connect("prefect", "pf-pw-4d2b", "mlflow").returncode != 0  # no cross access
-        assert connect("mlflow", "wrong", "mlflow").returncode != 0
+        assert whoami("prefect", "pf-pw-4d2b", "prefect").stdout.strip() == "prefect@prefect"
+        assert whoami("mlflow", "ml-pw-9c1e", "mlflow").stdout.strip() == "mlflow@mlflow"
+        assert whoami("prefect", "pf-pw-4d2b", "mlflow").returncode != 0  # no cross access
+        assert whoami("mlflow", "wrong", "mlflow").returncode != 0
     finally:
-        subprocess.run(
-            [*as_server, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-        )
+        stop = [pg_ctl, "-D", str(data), "-m", "immediate", "stop"]
+        subprocess.run([*as_server, *stop], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -342,30 +346,44 @@ def test_create_bucket_job_is_idempotent_and_keeps_secrets(tmp_path):
 
 @pytest.mark.integration
 def test_seaweedfs_command_of_the_compose_file_serves_s3(tmp_path):
-    """`weed` with the compose file's arguments, in a private network namespace (its ports are fixed)."""
+    """`weed` with the compose file's arguments, in a private network namespace (fixed ports)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs root, unshare and ip for a private network namespace")
     args = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["seaweedfs"]["command"]
     args = [f"-dir={tmp_path}" if a.startswith("-dir=") else a for a in args]
-    probe = (
-        "import sys, time, urllib.request\n"
-        "for _ in range(300):\n"
-        "    try:\n"
-        "        urllib.request.urlopen('http://127.0.0.1:8333/healthz', timeout=1); sys.exit(0)\n"
-        "    except OSError:\n"
-        "        time.sleep(0.2)\n"
-        "sys.exit('no /healthz on 8333')\n"
-    )
+    probe = textwrap.dedent("""
+        import sys, time, urllib.request
+        for _ in range(300):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:8333/healthz", timeout=1)
+                sys.exit(0)
+            except OSError:
+                with open(f"/proc/{sys.argv[1]}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        sys.exit("weed exited")
+                time.sleep(0.2)
+        sys.exit("no /healthz on 8333")
+    """)
     script = (
-        'ip link set lo up && "$WEED" "$@" > "$LOG" 2>&1 & weed=$!; '
-        f'"$PY" -c "{probe}"; rc=$?; kill $weed; wait $weed; exit $rc'
+        'ip link set lo up || exit 1; "$WEED" "$@" > "$LOG" 2>&1 & weed=$!; '
+        '"$PY" -c "$PROBE" $weed; rc=$?; kill -KILL $weed; wait $weed; exit $rc'
     )
-    env = {**os.environ, "WEED": find_weed(), "PY": sys.executable, "LOG": str(tmp_path / "weed.log"),
-           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}  # fmt: skip
+    env = {
+        **os.environ,
+        "WEED": find_weed(),
+        "PY": sys.executable,
+        "PROBE": probe,
+        "LOG": str(tmp_path / "weed.log"),
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
     result = subprocess.run(
         ["unshare", "--net", "sh", "-c", script, "sh", *args],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     log = (tmp_path / "weed.log").read_text(errors="replace")[-2000:]
     assert result.returncode == 0, result.stderr + log
 
@@ -415,15 +433,22 @@ def test_worker_entrypoint_explains_a_missing_or_forbidden_socket(tmp_path, fake
     assert missing.returncode == 1 and "no Docker socket at" in missing.stderr
     if os.geteuid() != 0:
         pytest.skip("changing to another user needs root")
-    tmp_path.chmod(0o755)
-    script = tmp_path / "entrypoint.sh"  # a copy the other user can read
-    shutil.copy(DOCKER / "worker-entrypoint.sh", script)
-    script.chmod(0o755)
-    with unix_socket(tmp_path / "docker.sock", 0o660):
-        os.chown(tmp_path / "docker.sock", 0, 4321)
-        forbidden = subprocess.run(
-            [*run_as_nobody(), str(script)], env=env, capture_output=True, text=True
-        )
+    shared = Path(tempfile.mkdtemp(prefix="xl-sock-"))  # pytest's tmp_path is private to root
+    try:
+        shared.chmod(0o755)
+        script = Path(
+            shutil.copy(DOCKER / "worker-entrypoint.sh", shared)
+        )  # the repo may be private
+        with unix_socket(shared / "docker.sock", 0o660):
+            os.chown(shared / "docker.sock", 0, 4321)
+            forbidden = subprocess.run(
+                [*run_as_nobody(), str(script)],
+                env={**env, "DOCKER_HOST": f"unix://{shared}/docker.sock"},
+                capture_output=True,
+                text=True,
+            )
+    finally:
+        shutil.rmtree(shared)
     assert forbidden.returncode == 1
     assert "set DOCKER_GID=4321 in .env" in forbidden.stderr and "prefect" not in forbidden.stdout
 
@@ -443,3 +468,23 @@ def test_install_script_is_idempotent_and_never_fails(tmp_path):
         ["/bin/bash", str(script), "docker.io"], env=env, capture_output=True, text=True
     )
     assert no_apt.returncode == 0 and "apt-get is not available" in no_apt.stderr
+
+
+def test_http_ok_probe(tmp_path):
+    (tmp_path / "health").write_text("ok")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def probe(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(DOCKER / "http-ok"), url, "2"], capture_output=True, text=True)
+
+    try:
+        assert probe(f"{base}/health").returncode == 0
+        missing = probe(f"{base}/missing")
+        assert missing.returncode == 1 and "404" in missing.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert probe(f"{base}/health").returncode == 1  # nobody listens any more

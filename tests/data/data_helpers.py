@@ -32,7 +32,9 @@ def write_mask(path: Path, values: np.ndarray) -> Path:
     return path
 
 
-def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> None:
+def write_coco(
+    root: Path, images: list[dict], annotations: list[dict], categories: list[dict]
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     payload = {"images": images, "annotations": annotations, "categories": categories}
     (root / "annotations.json").write_text(json.dumps(payload))

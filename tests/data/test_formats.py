@@ -16,12 +16,16 @@ def problem_files(err: SourceError) -> list[str]:
 
 
 def expect_problems(root, fmt, *files_and_words: tuple[str, str]) -> SourceError:
-    """Reading raises SourceError; each (file, word) is a problem of that file, named in the message."""
+    """Reading raises; each (file, word) is a problem of that file and named in the message."""
     with pytest.raises(SourceError) as info:
         read_source(str(root), fmt)
     err = info.value
     for file, word in files_and_words:
-        assert any(p.file == file and word in p.message for p in err.problems), (file, word, err.problems)
+        assert any(p.file == file and word in p.message for p in err.problems), (
+            file,
+            word,
+            err.problems,
+        )
         assert file in str(err)
     return err
 
@@ -69,7 +73,11 @@ def test_cls_classes_are_sorted_folder_names(tmp_path):
     records, _ = read_source(str(tmp_path), "cls")
     reader = SourceReader(str(tmp_path), "cls")
     assert reader.classes == ["ant", "moth", "zebra"]
-    assert {r.file: r.label["label"] for r in records} == {"ant/a.png": 0, "moth/a.png": 1, "zebra/a.png": 2}
+    assert {r.file: r.label["label"] for r in records} == {
+        "ant/a.png": 0,
+        "moth/a.png": 1,
+        "zebra/a.png": 2,
+    }
 
 
 def test_cls_classes_txt_pins_order_and_rejects_unknown_folders(tmp_path):
@@ -128,7 +136,10 @@ def test_det_category_ids_map_to_contiguous_sorted_indices(tmp_path):
     reader = SourceReader(str(tmp_path), "det")
     (record,), _ = reader.read()
     assert reader.classes == ["cat", "dog"]
-    assert record.label == {"boxes": [[1.0, 2.0, 11.0, 7.0], [0.0, 0.0, 40.0, 30.0]], "labels": [1, 0]}
+    assert record.label == {
+        "boxes": [[1.0, 2.0, 11.0, 7.0], [0.0, 0.0, 40.0, 30.0]],
+        "labels": [1, 0],
+    }
 
 
 # ---------------------------------------------------------------- image problems
@@ -149,7 +160,9 @@ def test_garbage_and_wrong_type_images(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "anim.png", format="GIF")
-    expect_problems(tmp_path, "cls", ("cat/noise.jpg", "corrupt"), ("cat/anim.png", "not JPEG or PNG"))
+    expect_problems(
+        tmp_path, "cls", ("cat/noise.jpg", "corrupt"), ("cat/anim.png", "not JPEG or PNG")
+    )
 
 
 def test_all_problems_are_collected_and_skip_invalid_keeps_the_good(tmp_path):
@@ -168,7 +181,9 @@ def test_all_problems_are_collected_and_skip_invalid_keeps_the_good(tmp_path):
 
 def test_unreadable_file(tmp_path):
     write_image(tmp_path / "cat" / "ok.png")
-    os.symlink(tmp_path / "cat" / "gone.png", tmp_path / "cat" / "dangling.png")  # inside root, missing
+    os.symlink(
+        tmp_path / "cat" / "gone.png", tmp_path / "cat" / "dangling.png"
+    )  # inside root, missing
     expect_problems(tmp_path, "cls", ("cat/dangling.png", "unreadable file"))
 
 
@@ -268,13 +283,17 @@ def test_multilabel_missing_labels_csv(tmp_path):
 # ---------------------------------------------------------------- det problems
 
 
+def coco_images(*file_names, size=(40, 30)):
+    return [
+        {"id": i + 1, "file_name": name, "width": size[0], "height": size[1]}
+        for i, name in enumerate(file_names)
+    ]
+
+
 def make_det(root, annotations, images=None, size=(40, 30)):
     write_image(root / "images" / "a.png", size=size)
     write_image(root / "images" / "b.jpg", size=size, seed=1)
-    images = images or [
-        {"id": 1, "file_name": "a.png", "width": size[0], "height": size[1]},
-        {"id": 2, "file_name": "b.jpg", "width": size[0], "height": size[1]},
-    ]
+    images = images or coco_images("a.png", "b.jpg", size=size)
     write_coco(root, images, annotations, [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
 
 
@@ -283,7 +302,9 @@ def ann(i, image_id, bbox, category=1):
 
 
 def test_det_box_outside_image_and_zero_area(tmp_path):
-    make_det(tmp_path, [ann(1, 1, [30, 5, 20, 5]), ann(2, 2, [5, 5, 0, 8]), ann(3, 2, [1, 1, 5, 5])])
+    make_det(
+        tmp_path, [ann(1, 1, [30, 5, 20, 5]), ann(2, 2, [5, 5, 0, 8]), ann(3, 2, [1, 1, 5, 5])]
+    )
     err = expect_problems(
         tmp_path, "det", ("images/a.png", "outside the 40x30 image"), ("images/b.jpg", "zero area")
     )
@@ -296,30 +317,22 @@ def test_det_unknown_category_is_out_of_range(tmp_path):
 
 
 def test_det_duplicate_file_name(tmp_path):
-    images = [
-        {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-        {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30},
-        {"id": 3, "file_name": "a.png", "width": 40, "height": 30},
-    ]
+    images = coco_images("a.png", "b.jpg", "a.png")
     make_det(tmp_path, [ann(1, 1, [1, 1, 5, 5])], images=images)
     expect_problems(tmp_path, "det", ("images/a.png", "duplicate"))
 
 
 def test_det_path_escape_and_unknown_image_id(tmp_path):
-    images = [
-        {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-        {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30},
-        {"id": 3, "file_name": "../x.png", "width": 40, "height": 30},
-    ]
+    images = coco_images("a.png", "b.jpg", "../x.png")
     make_det(tmp_path, [ann(1, 1, [1, 1, 5, 5]), ann(2, 42, [1, 1, 5, 5])], images=images)
-    expect_problems(tmp_path, "det", ("images/../x.png", "escapes"), ("annotations.json", "image_id 42"))
+    expect_problems(
+        tmp_path, "det", ("images/../x.png", "escapes"), ("annotations.json", "image_id 42")
+    )
 
 
 def test_det_declared_size_mismatch(tmp_path):
-    images = [
-        {"id": 1, "file_name": "a.png", "width": 400, "height": 300},
-        {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30},
-    ]
+    images = coco_images("a.png", size=(400, 300)) + coco_images("b.jpg")
+    images[1]["id"] = 2
     make_det(tmp_path, [], images=images)
     expect_problems(tmp_path, "det", ("images/a.png", "says 400x300"))
 
@@ -394,7 +407,9 @@ def test_reads_an_s3_source(synth_data, s3_server):
                 remote.client.put_object(Bucket=remote.bucket, Key=key, Body=path.read_bytes())
         s3_records, _ = read_source(s3_server.uri("sources-in/shapes_det"), "det")
     local_records, _ = read_source(str(local), "det")
-    assert [(r.file, r.label, r.data) for r in s3_records] == [(r.file, r.label, r.data) for r in local_records]
+    assert [(r.file, r.label, r.data) for r in s3_records] == [
+        (r.file, r.label, r.data) for r in local_records
+    ]
 
 
 def test_safe_relpath():

@@ -32,7 +32,9 @@ def shard_members(store, manifest, split, tmp_path):
     """{json record: {suffix: bytes}} over all shards of a split."""
     samples = {}
     for shard in manifest["splits"][split]["shards"]:
-        local = store.local_copy(join("sources", manifest["name"], manifest["version"], shard["file"]), tmp_path)
+        local = store.local_copy(
+            join("sources", manifest["name"], manifest["version"], shard["file"]), tmp_path
+        )
         with tarfile.open(local) as tar:
             members = {}
             for m in tar.getmembers():
@@ -51,9 +53,16 @@ def test_ingest_publishes_manifest_and_shards(store, synth_data, tmp_path):
     assert manifest["classes"] == ["circle", "square", "triangle", "cross"]
     prefix = f"sources/src/{version}"
     assert store.read_json(manifest_key("src", version)) == manifest
-    assert store.read_json("sources/src/latest.json") == {"version": version, "manifest": f"{prefix}/manifest.json"}
+    assert store.read_json("sources/src/latest.json") == {
+        "version": version,
+        "manifest": f"{prefix}/manifest.json",
+    }
     listed = set(store.list("sources/src"))
-    expected = {f"{prefix}/{s['file']}" for split in ("train", "val") for s in manifest["splits"][split]["shards"]}
+    expected = {
+        f"{prefix}/{s['file']}"
+        for split in ("train", "val")
+        for s in manifest["splits"][split]["shards"]
+    }
     assert listed == expected | {f"{prefix}/manifest.json", "sources/src/latest.json"}
     assert len(manifest["splits"]["train"]["shards"]) >= 2
     total = 0
@@ -106,7 +115,9 @@ def test_split_is_per_file_and_stable():
     assert all(split_of(f, 0.0, 3) == "train" for f in files)
 
 
-@pytest.mark.parametrize("name, fmt", [("shapes_det", "det"), ("shapes_seg", "seg"), ("shapes_attr", "multilabel")])
+@pytest.mark.parametrize(
+    "name, fmt", [("shapes_det", "det"), ("shapes_seg", "seg"), ("shapes_attr", "multilabel")]
+)
 def test_ingest_label_records(name, fmt, synth_data, tmp_path):
     from xlearner.store import open_store
 
@@ -120,7 +131,9 @@ def test_ingest_label_records(name, fmt, synth_data, tmp_path):
         assert parts["mask.png"] == (root / "masks" / f"{stem}.png").read_bytes()
         assert manifest["classes"][0] == "background"
     if fmt == "det":
-        counted = sum(manifest["splits"][s]["class_counts"][c] for s in ("train", "val") for c in range(4))
+        counted = sum(
+            manifest["splits"][s]["class_counts"][c] for s in ("train", "val") for c in range(4)
+        )
         annotations = json.loads((root / "annotations.json").read_text())["annotations"]
         assert counted == len(annotations)
 
@@ -164,7 +177,9 @@ def test_image_size_downscales_big_images(tmp_path, synth_data):
     from PIL import Image
 
     assert Image.open(BytesIO(samples["images/a.jpg"]["jpg"])).size == (64, 32)
-    assert samples["images/b.png"]["png"] == (root / "images" / "b.png").read_bytes()  # small: untouched
+    assert (
+        samples["images/b.png"]["png"] == (root / "images" / "b.png").read_bytes()
+    )  # small: untouched
     plain, _ = ingest(store, root, fmt="det", val_fraction=0.0)
     assert plain["version"] != manifest["version"]
 
@@ -214,7 +229,14 @@ print("FINISHED", flush=True)
 def test_sigkill_mid_ingest_leaves_nothing_visible(store, synth_data):
     root = synth_data.paths["shapes_cls"]
     child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CHILD), store.root_uri, str(root), str(SMALL_SHARDS)],
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(CHILD),
+            store.root_uri,
+            str(root),
+            str(SMALL_SHARDS),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -35,11 +35,15 @@ def coco_boxes(synth_data, name):
     boxes = {}
     for a in data["annotations"]:
         x, y, w, h = a["bbox"]
-        boxes.setdefault(files[a["image_id"]], []).append(([x, y, x + w, y + h], a["category_id"] - 1))
+        boxes.setdefault(files[a["image_id"]], []).append(
+            ([x, y, x + w, y + h], a["category_id"] - 1)
+        )
     return boxes
 
 
-@pytest.mark.parametrize("name", ["shapes_cls", "shapes_attr", "shapes_det", "shapes_seg", "shapes_unlabeled"])
+@pytest.mark.parametrize(
+    "name", ["shapes_cls", "shapes_attr", "shapes_det", "shapes_seg", "shapes_unlabeled"]
+)
 def test_items_follow_the_target_table(published, name):
     ds = ShardDataset(published[name], "val", SIZE)
     manifest = load_manifest(published[name])
@@ -49,13 +53,16 @@ def test_items_follow_the_target_table(published, name):
     for i in range(len(ds)):
         image, target = ds[i]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.02
+        assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.02
         if ds.format == "cls":
             assert target["label"].dtype == torch.int64 and target["label"].shape == ()
             file = ds.raw(i)[1]["file"]
             assert ds.classes[int(target["label"])] == file.split("/")[0]
         elif ds.format == "multilabel":
-            assert target["labels"].shape == (ds.num_classes,) and target["labels"].dtype == torch.float32
+            assert (
+                target["labels"].shape == (ds.num_classes,)
+                and target["labels"].dtype == torch.float32
+            )
             assert set(target["labels"].tolist()) <= {0.0, 1.0} and target["labels"].sum() >= 2
         elif ds.format == "det":
             assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
@@ -108,7 +115,12 @@ def test_train_flip_is_deterministic_and_consistent(published):
         assert (target["boxes"][:, 2] > target["boxes"][:, 0]).all()
     assert 8 < flipped < 32
     aug.set_epoch(1)
-    assert any(not torch.equal(aug[i][0], ShardDataset(published["shapes_det"], "train", SIZE, train=True)[i][0]) for i in range(20))
+    assert any(
+        not torch.equal(
+            aug[i][0], ShardDataset(published["shapes_det"], "train", SIZE, train=True)[i][0]
+        )
+        for i in range(20)
+    )
 
 
 def test_hflip_mirrors_boxes_and_masks():
@@ -124,7 +136,11 @@ def test_hflip_mirrors_boxes_and_masks():
 
 @pytest.mark.parametrize(
     "name, keys",
-    [("shapes_cls", {"label": (4,)}), ("shapes_attr", {"labels": (4, 6)}), ("shapes_seg", {"mask": (4, SIZE, SIZE)})],
+    [
+        ("shapes_cls", {"label": (4,)}),
+        ("shapes_attr", {"labels": (4, 6)}),
+        ("shapes_seg", {"mask": (4, SIZE, SIZE)}),
+    ],
 )
 def test_collate_stacks(published, name, keys):
     ds = ShardDataset(published[name], "train", SIZE)
@@ -163,7 +179,9 @@ def test_loads_through_the_content_cache(store, synth_data, tmp_path):
     ds = ShardDataset(uri, "train", SIZE, cache_dir=cache)
     assert len(ds) == manifest["splits"]["train"]["records"]
     cached = sorted(cache.rglob("*.tar"))
-    assert {p.name for p in cached} == {f"{s['sha256']}.tar" for s in manifest["splits"]["train"]["shards"]}
+    assert {p.name for p in cached} == {
+        f"{s['sha256']}.tar" for s in manifest["splits"]["train"]["shards"]
+    }
     mtime = cached[0].stat().st_mtime_ns
     ShardDataset(uri, "train", SIZE, cache_dir=cache)  # cached by content: no new download
     assert cached[0].stat().st_mtime_ns == mtime
@@ -178,11 +196,18 @@ def test_tampered_shard_is_rejected(tmp_path, synth_data):
     path = store.root / "sources" / "shapes_cls" / manifest["version"] / shard
     path.write_bytes(path.read_bytes()[:-1024])
     with pytest.raises(StoreError, match="sha256"):
-        ShardDataset(store.uri(manifest_key("shapes_cls", manifest["version"])), "val", SIZE, cache_dir=tmp_path / "c")
+        ShardDataset(
+            store.uri(manifest_key("shapes_cls", manifest["version"])),
+            "val",
+            SIZE,
+            cache_dir=tmp_path / "c",
+        )
 
 
 def test_manifest_errors(tmp_path, published):
-    with pytest.raises(ManifestError, match=r"nope/manifest.json does not exist; ingest the source"):
+    with pytest.raises(
+        ManifestError, match=r"nope/manifest.json does not exist; ingest the source"
+    ):
         load_manifest(str(tmp_path / "nope" / "manifest.json"))
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(ManifestError, match="is not an xlearner manifest"):

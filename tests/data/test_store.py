@@ -49,7 +49,9 @@ def test_list_never_shows_temporary_keys(store):
     if isinstance(store, LocalStore):
         (store.root / "data" / f"half.bin{TMP_MARK}abcd1234").write_bytes(b"partial")
     else:
-        store.client.put_object(Bucket=store.bucket, Key=store._key(".tmp/abc-half.bin"), Body=b"partial")
+        store.client.put_object(
+            Bucket=store.bucket, Key=store._key(".tmp/abc-half.bin"), Body=b"partial"
+        )
     assert store.list("") == ["data/real.bin"]
 
 
@@ -64,7 +66,9 @@ def test_missing_keys(store, tmp_path):
 
 def test_large_file_multipart(store, tmp_path):
     if isinstance(store, S3Store):  # force the multipart upload, download and copy paths
-        store.transfer = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+        store.transfer = TransferConfig(
+            multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20
+        )
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(11 * 2**20))
     digest = store.upload_file("big/big.bin", path)

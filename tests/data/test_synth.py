@@ -13,12 +13,16 @@ from xlearner.data.synth import SPECS, synth_source_configs, synthesize
 
 
 def tree_bytes(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a = synthesize(tmp_path / "a", seed=3, images_per_source=12, log=lambda _: None)
-    b = synthesize(tmp_path / "b", seed=3, images_per_source=12, log=lambda _: None)
+    synthesize(tmp_path / "b", seed=3, images_per_source=12, log=lambda _: None)
     c = synthesize(tmp_path / "c", seed=4, images_per_source=12, log=lambda _: None)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
     assert tree_bytes(a["shapes_cls"]) != tree_bytes(c["shapes_cls"])
@@ -95,7 +99,9 @@ def test_classes_are_visually_separable(synth_data):
                 continue
             ys, xs = np.nonzero(region)
             crop = region[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-            small = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize((8, 8)), dtype=np.float32)
+            small = np.asarray(
+                Image.fromarray(crop.astype(np.uint8) * 255).resize((8, 8)), dtype=np.float32
+            )
             features.append(small.ravel() / 255)
             labels.append(c)
     x, y = np.stack(features), np.array(labels)

@@ -14,6 +14,8 @@ import pytest
 from flows.runners import STAGE_LABEL, DockerRunner, StageFailed
 from xlearner.config import DockerRunnerConfig
 
+pytestmark = pytest.mark.integration  # a real Docker engine (started here if needed)
+
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
@@ -122,9 +124,8 @@ CANCELLED_CHILD = textwrap.dedent("""
     signal.signal(signal.SIGTERM, terminate)
     image, stage = sys.argv[1:]
     runner = DockerRunner(DockerRunnerConfig(image=image), stop_timeout_s=2)
-    runner.run_command(
-        ["sh", "-c", "echo started; sleep 120"], stage=stage, log=lambda line: print(line, flush=True)
-    )
+    command = ["sh", "-c", "echo started; sleep 120"]
+    runner.run_command(command, stage=stage, log=lambda line: print(line, flush=True))
 """)
 
 
@@ -208,3 +209,26 @@ def test_missing_image_says_how_to_build_it(docker_engine):
     runner = make_runner(docker_engine, image="xlearner-no-such-image:0")
     with pytest.raises(RuntimeError, match="docker build -f docker/Dockerfile.stage"):
         runner.run_command(["true"], stage=unique("noimage"), log=lambda _: None)
+
+
+def test_a_gpu_request_on_a_host_without_gpus_fails_clearly(docker_engine):
+    if any(rt == "nvidia" for rt in docker_engine.client.info().get("Runtimes", {})):
+        pytest.skip("this engine has the NVIDIA runtime: the request could succeed")
+    stage = unique("gpu")
+    with pytest.raises(RuntimeError, match=r"runner.docker.gpus=-1\): the host needs"):
+        make_runner(docker_engine, gpus=-1).run_command(["true"], stage=stage, log=lambda _: None)
+    assert stage_containers(docker_engine, stage) == []
+
+
+def test_out_of_memory_is_named(docker_engine):
+    if not docker_engine.client.info().get("MemoryLimit"):
+        pytest.skip("this engine cannot limit container memory (no memory cgroup)")
+    runner = DockerRunner(
+        DockerRunnerConfig(image=docker_engine.image),
+        client=docker_engine.client,
+        create_options={"mem_limit": "8m", "memswap_limit": "8m"},
+    )
+    hog = "echo start; x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo ${#x}"
+    with pytest.raises(StageFailed, match="killed by the kernel: out of memory") as info:
+        runner.run_command(["sh", "-c", hog], stage=unique("oom"), log=lambda _: None)
+    assert info.value.returncode == 137 and info.value.log_tail == "start"

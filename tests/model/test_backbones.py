@@ -96,6 +96,14 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     assert not list((tmp_path / "bb").glob(".*tmp*")), "temporary files left behind"
 
 
+def test_extra_spec_fields_are_written_to_the_json(tmp_path):
+    spec = save_backbone(create_backbone("tiny_resnet"), tmp_path, extra_spec={"trunk": {"k": 1}})
+    assert (
+        json.loads((tmp_path / "backbone.json").read_text())["trunk"] == {"k": 1} == spec["trunk"]
+    )
+    assert load_backbone(tmp_path).name == "tiny_resnet"
+
+
 def test_create_backbone_initialises_from_a_local_file(tmp_path):
     backbone = _trained_like()
     save_backbone(backbone, tmp_path)

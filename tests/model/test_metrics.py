@@ -72,7 +72,10 @@ def test_mean_iou_takes_logits_and_is_1_for_perfect_predictions():
 
 def _det_targets():
     return [
-        {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 5.0, 60.0, 25.0]]), "labels": torch.tensor([0, 1])},
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 5.0, 60.0, 25.0]]),
+            "labels": torch.tensor([0, 1]),
+        },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
         {"boxes": torch.tensor([[0.0, 0.0, 20.0, 40.0]]), "labels": torch.tensor([1])},
     ]
@@ -80,7 +83,11 @@ def _det_targets():
 
 def _as_predictions(targets, shift: float = 0.0):
     return [
-        {"boxes": t["boxes"] + shift, "scores": torch.full((len(t["labels"]),), 0.9), "labels": t["labels"]}
+        {
+            "boxes": t["boxes"] + shift,
+            "scores": torch.full((len(t["labels"]),), 0.9),
+            "labels": t["labels"],
+        }
         for t in targets
     ]
 
@@ -109,7 +116,11 @@ def test_detection_map_drops_for_shifted_boxes_and_wrong_labels():
 
 def test_detection_map_handles_missing_predictions_and_missing_ground_truth():
     no_predictions = DetectionMAP(num_classes=2)
-    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
     no_predictions.update([empty] * 3, _det_targets())
     assert no_predictions.compute() == {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0}
     no_ground_truth = DetectionMAP(num_classes=2)

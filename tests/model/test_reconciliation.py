@@ -75,7 +75,9 @@ def test_only_the_last_bn_of_each_gamma_starts_at_zero():
 
 def test_same_level_mode_has_only_same_level_gammas_and_none_mode_has_none():
     same = ReconciledNetwork(_sub_backbones(), mode="same_level")
-    assert same.gammas and all(key.split(":")[1] in {"1->1", "2->2", "3->3", "4->4"} for key in same.gammas)
+    assert same.gammas and all(
+        key.split(":")[1] in {"1->1", "2->2", "3->3", "4->4"} for key in same.gammas
+    )
     assert len(same.gammas) == 3 * 2 * 4  # t, k != t, i
     none = ReconciledNetwork(_sub_backbones(), mode="none")
     assert len(none.gammas) == 0 and none.num_gamma_parameters() == 0
@@ -142,4 +144,6 @@ def test_detach_keeps_a_tasks_loss_out_of_other_sub_backbones(detach):
         if detach:
             assert all(g is None for g in grads), other
         else:
-            assert all(g is not None for g in grads) and any(torch.count_nonzero(g) > 0 for g in grads)
+            assert all(g is not None for g in grads) and any(
+                torch.count_nonzero(g) > 0 for g in grads
+            )

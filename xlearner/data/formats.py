@@ -13,13 +13,16 @@ Sources are a local folder or ``s3://bucket/prefix``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import posixpath
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,9 @@ class SourceError(ValueError):
         super().__init__("\n".join(lines))
 
 
-SKIP_HINT = "fix these files, or set `skip_invalid: true` on the source to leave the bad records out"
+SKIP_HINT = (
+    "fix these files, or set `skip_invalid: true` on the source to leave the bad records out"
+)
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Record:
     width: int
     height: int
     mask: bytes | None = None
+    sha256: str = ""  # of ``data``
 
 
 @dataclass
@@ -108,9 +114,6 @@ class SourceFiles:
         raise NotImplementedError
 
     def read(self, rel: str) -> bytes:
-        raise NotImplementedError
-
-    def exists(self, rel: str) -> bool:
         raise NotImplementedError
 
 
@@ -144,9 +147,9 @@ class LocalFiles(SourceFiles):
                 continue
             seen.add(real)
             for name in filenames:
-                rel = posixpath.join(rel_dir, name) if rel_dir else name
                 if name.startswith("."):
                     continue
+                rel = posixpath.join(rel_dir, name) if rel_dir else name
                 if not self._inside(os.path.join(dirpath, name)):
                     problems.append(Problem(rel, "symlink points outside the source root"))
                 else:
@@ -163,9 +166,6 @@ class LocalFiles(SourceFiles):
         with open(self._path(rel), "rb") as f:
             return f.read()
 
-    def exists(self, rel: str) -> bool:
-        return os.path.isfile(os.path.join(self.root, rel))
-
 
 class StoreFiles(SourceFiles):
     """A source below an S3 prefix (any :class:`~xlearner.store.ArtifactStore`)."""
@@ -173,27 +173,21 @@ class StoreFiles(SourceFiles):
     def __init__(self, uri: str, endpoint_url: str | None = None):
         self.store = open_store(uri, endpoint_url)
         self.uri = uri
-        self._keys: set[str] | None = None
 
     def list(self) -> tuple[list[str], list[Problem]]:
-        keys = [k for k in self.store.list("") if not _hidden(k)]
-        self._keys = set(keys)
-        return keys, []
+        return [k for k in self.store.list("") if not _hidden(k)], []
 
     def read(self, rel: str) -> bytes:
         return self.store.read_bytes(rel)
-
-    def exists(self, rel: str) -> bool:
-        if self._keys is None:
-            self.list()
-        return rel in self._keys
 
 
 def open_source_files(uri: str, endpoint_url: str | None = None) -> SourceFiles:
     if is_s3(uri):
         return StoreFiles(uri, endpoint_url)
     if "://" in uri:
-        raise SourceError(uri, [Problem("", "unsupported URI scheme; use a local folder or s3://bucket/prefix")])
+        raise SourceError(
+            uri, [Problem("", "unsupported URI scheme; use a local folder or s3://bucket/prefix")]
+        )
     if not Path(uri).expanduser().is_dir():
         raise SourceError(uri, [Problem("", "the source folder does not exist")])
     return LocalFiles(uri)
@@ -254,7 +248,7 @@ def _images_in(listing: list[str], folder: str) -> list[str]:
 
 
 def _listed_image(name: Any, seen: set[str], where: str) -> tuple[str | None, Problem | None]:
-    """Resolve an image name from a metadata file to ``images/<name>``; check escape + duplicates."""
+    """``images/<name>`` for a name in a metadata file; rejects escapes and duplicates."""
     rel = safe_relpath(str(name)) if isinstance(name, str) else None
     if rel is None:
         return None, Problem(f"images/{name}", f"{where}: path escapes the source root or is empty")
@@ -281,7 +275,9 @@ def _index_cls(files: SourceFiles, listing: list[str]) -> SourceIndex:
         if rel == "classes.txt":
             continue
         if "/" not in rel:
-            problems.append(Problem(rel, "stray file at the source root; images go in <root>/<class>/"))
+            problems.append(
+                Problem(rel, "stray file at the source root; images go in <root>/<class>/")
+            )
             continue
         by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
     if pinned is not None:
@@ -300,7 +296,9 @@ def _index_cls(files: SourceFiles, listing: list[str]) -> SourceIndex:
 
 def _index_multilabel(files: SourceFiles, listing: list[str]) -> SourceIndex:
     if "labels.csv" not in listing:
-        raise _Fatal("labels.csv", "missing; a multilabel source needs labels.csv with header `file,labels`")
+        raise _Fatal(
+            "labels.csv", "missing; a multilabel source needs labels.csv with header `file,labels`"
+        )
     rows = list(csv.reader(io.StringIO(_read_text(files, "labels.csv"))))
     if not rows or [c.strip() for c in rows[0]] != ["file", "labels"]:
         raise _Fatal("labels.csv", "the first line must be the header `file,labels`")
@@ -311,7 +309,12 @@ def _index_multilabel(files: SourceFiles, listing: list[str]) -> SourceIndex:
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2:
-            problems.append(Problem("labels.csv", f"line {line_no}: expected 2 columns (file,labels), got {len(row)}"))
+            problems.append(
+                Problem(
+                    "labels.csv",
+                    f"line {line_no}: expected 2 columns (file,labels), got {len(row)}",
+                )
+            )
             continue
         file, problem = _listed_image(row[0].strip(), seen, f"labels.csv line {line_no}")
         if problem:
@@ -325,7 +328,9 @@ def _index_multilabel(files: SourceFiles, listing: list[str]) -> SourceIndex:
     for file, names in parsed:
         unknown = sorted({n for n in names if n not in index})
         if unknown:
-            problems.append(Problem(file, f"unknown label(s) {unknown}; classes.txt lists {classes}"))
+            problems.append(
+                Problem(file, f"unknown label(s) {unknown}; classes.txt lists {classes}")
+            )
             continue
         entries.append(Entry(file, {"labels": sorted({index[n] for n in names})}))
     problems += _unlisted(listing, seen, "labels.csv")
@@ -335,7 +340,9 @@ def _index_multilabel(files: SourceFiles, listing: list[str]) -> SourceIndex:
 def _coco_list(data: dict, key: str) -> list[dict]:
     value = data.get(key, [] if key == "annotations" else None)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise _Fatal("annotations.json", f"`{key}` must be a list of objects (COCO detection format)")
+        raise _Fatal(
+            "annotations.json", f"`{key}` must be a list of objects (COCO detection format)"
+        )
     return value
 
 
@@ -347,21 +354,29 @@ def _index_det(files: SourceFiles, listing: list[str]) -> SourceIndex:
     except json.JSONDecodeError as err:
         raise _Fatal("annotations.json", f"is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise _Fatal("annotations.json", "top level must be an object with images/annotations/categories")
-    images, annotations, categories = (_coco_list(data, k) for k in ("images", "annotations", "categories"))
+        raise _Fatal(
+            "annotations.json", "top level must be an object with images/annotations/categories"
+        )
+    images, annotations, categories = (
+        _coco_list(data, k) for k in ("images", "annotations", "categories")
+    )
     try:
         categories = sorted(categories, key=lambda c: int(c["id"]))
         category_index = {int(c["id"]): i for i, c in enumerate(categories)}
         classes = [str(c["name"]) for c in categories]
     except (KeyError, TypeError, ValueError):
-        raise _Fatal("annotations.json", "every category needs an integer `id` and a `name`") from None
+        raise _Fatal(
+            "annotations.json", "every category needs an integer `id` and a `name`"
+        ) from None
     if len(category_index) != len(categories):
         raise _Fatal("annotations.json", "category ids are not unique")
     problems: list[Problem] = []
     by_id: dict[Any, Entry] = {}
     seen: set[str] = set()
     for image in images:
-        file, problem = _listed_image(image.get("file_name"), seen, f"annotations.json image id {image.get('id')}")
+        file, problem = _listed_image(
+            image.get("file_name"), seen, f"annotations.json image id {image.get('id')}"
+        )
         if problem:
             problems.append(problem)
             continue
@@ -375,7 +390,11 @@ def _index_det(files: SourceFiles, listing: list[str]) -> SourceIndex:
         entry = by_id.get(ann.get("image_id"))
         if entry is None:
             problems.append(
-                Problem("annotations.json", f"annotation id {ann.get('id')} refers to unknown image_id {ann.get('image_id')}")
+                Problem(
+                    "annotations.json",
+                    f"annotation id {ann.get('id')} refers to unknown "
+                    f"image_id {ann.get('image_id')}",
+                )
             )
             continue
         if ann.get("iscrowd"):
@@ -383,11 +402,16 @@ def _index_det(files: SourceFiles, listing: list[str]) -> SourceIndex:
         category = ann.get("category_id")
         if category not in category_index:
             entry.errors.append(
-                f"annotation id {ann.get('id')}: category_id {category} is not in categories {sorted(category_index)}"
+                f"annotation id {ann.get('id')}: category_id {category} is not in "
+                f"categories {sorted(category_index)}"
             )
             continue
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, int | float) for v in bbox)
+        ):
             entry.errors.append(f"annotation id {ann.get('id')}: bbox must be [x, y, w, h]")
             continue
         x, y, w, h = (float(v) for v in bbox)
@@ -399,7 +423,9 @@ def _index_det(files: SourceFiles, listing: list[str]) -> SourceIndex:
 
 def _index_seg(files: SourceFiles, listing: list[str]) -> SourceIndex:
     if "classes.txt" not in listing:
-        raise _Fatal("classes.txt", "missing; a seg source needs classes.txt (line i = name of class i)")
+        raise _Fatal(
+            "classes.txt", "missing; a seg source needs classes.txt (line i = name of class i)"
+        )
     classes = _read_classes(files)
     masks = {posixpath.splitext(f[len("masks/") :])[0]: f for f in _images_in(listing, "masks")}
     problems: list[Problem] = []
@@ -413,7 +439,11 @@ def _index_seg(files: SourceFiles, listing: list[str]) -> SourceIndex:
             continue
         used.add(stem)
         entries.append(Entry(file, {}, mask_file=mask))
-    problems += [Problem(m, "mask has no image with the same stem in images/") for s, m in masks.items() if s not in used]
+    problems += [
+        Problem(m, "mask has no image with the same stem in images/")
+        for s, m in masks.items()
+        if s not in used
+    ]
     return SourceIndex(classes, entries, problems)
 
 
@@ -464,23 +494,39 @@ def _check_boxes(boxes: list[list[float]], width: int, height: int) -> list[str]
     return errors
 
 
-def _check_mask(data: bytes, num_classes: int, width: int, height: int) -> tuple[list[int], list[str]]:
+def _check_mask(
+    data: bytes, num_classes: int, width: int, height: int
+) -> tuple[list[int], list[str]]:
     with Image.open(io.BytesIO(data)) as mask:
         if mask.format != "PNG" or mask.mode not in ("L", "P"):
-            return [], [f"mask must be a single-channel 8-bit PNG (mode L or P), got {mask.format} {mask.mode}"]
+            return [], [
+                "mask must be a single-channel 8-bit PNG (mode L or P), "
+                f"got {mask.format} {mask.mode}"
+            ]
         if mask.size != (width, height):
-            return [], [f"mask size {mask.size[0]}x{mask.size[1]} does not match the image's {width}x{height}"]
+            return [], [
+                f"mask size {mask.size[0]}x{mask.size[1]} does not match "
+                f"the image's {width}x{height}"
+            ]
         values = np.unique(np.asarray(mask))
     bad = [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
     if bad:
-        return [], [f"mask values {bad} are outside the classes 0..{num_classes - 1} (255 = ignore)"]
+        return [], [
+            f"mask values {bad} are outside the classes 0..{num_classes - 1} (255 = ignore)"
+        ]
     return [int(v) for v in values if v < num_classes], []
 
 
 class SourceReader:
     """Reads and validates one source. ``records()`` streams; ``read()`` collects."""
 
-    def __init__(self, uri: str, format: SourceFormat | str, endpoint_url: str | None = None, workers: int | None = None):
+    def __init__(
+        self,
+        uri: str,
+        format: SourceFormat | str,
+        endpoint_url: str | None = None,
+        workers: int | None = None,
+    ):
         self.uri = uri
         self.format = SourceFormat(format)
         self.files = open_source_files(uri, endpoint_url)
@@ -489,12 +535,17 @@ class SourceReader:
         try:
             index = INDEXERS[self.format](self.files, listing)
         except _Fatal as fatal:
-            raise SourceError(uri, [fatal.problem, *problems], "fix the source's layout (see docs/data.md)") from None
+            raise SourceError(
+                uri, [fatal.problem, *problems], "fix the source's layout (see docs/data.md)"
+            ) from None
         self.classes = index.classes
         self.entries = index.entries
         self.problems: list[Problem] = problems + index.problems
         if not self.entries and not self.problems:
-            raise SourceError(uri, [Problem("", f"empty source: no images found for format {self.format.value!r}")])
+            raise SourceError(
+                uri,
+                [Problem("", f"empty source: no images found for format {self.format.value!r}")],
+            )
 
     def _load(self, entry: Entry) -> Record | list[Problem]:
         try:
@@ -510,7 +561,10 @@ class SourceReader:
         mask = None
         if self.format == SourceFormat.det:
             if entry.declared_size and entry.declared_size != (width, height):
-                errors.append(f"annotations.json says {entry.declared_size[0]}x{entry.declared_size[1]}, the image is {width}x{height}")
+                errors.append(
+                    f"annotations.json says {entry.declared_size[0]}x{entry.declared_size[1]}, "
+                    f"the image is {width}x{height}"
+                )
             errors += _check_boxes(label["boxes"], width, height)
         elif self.format == SourceFormat.seg:
             try:
@@ -522,7 +576,16 @@ class SourceReader:
             errors += mask_errors
         if errors:
             return [Problem(entry.file, e) for e in errors]
-        return Record(entry.file, label, data, image_format, width, height, mask)
+        return Record(
+            entry.file,
+            label,
+            data,
+            image_format,
+            width,
+            height,
+            mask,
+            hashlib.sha256(data).hexdigest(),
+        )
 
     def records(self, skip_invalid: bool = False) -> Iterator[Record]:
         """Valid records in file order; problems accumulate in ``self.problems``.
@@ -530,16 +593,22 @@ class SourceReader:
         Raises :class:`SourceError` at the end when there were problems (unless
         ``skip_invalid``) or when no record is valid.
         """
-        window = 4 * self.workers
         valid = 0
+        in_flight: deque[Future] = deque()
+        entries = iter(self.entries)
         with ThreadPoolExecutor(self.workers) as pool:  # PIL and hashlib release the GIL
-            for start in range(0, len(self.entries), window):
-                for result in pool.map(self._load, self.entries[start : start + window]):
-                    if isinstance(result, Record):
-                        valid += 1
-                        yield result
-                    else:
-                        self.problems += result
+            # A sliding window of 4 x workers loads: bounded memory, no pipeline bubbles.
+            for entry in itertools.islice(entries, 4 * self.workers):
+                in_flight.append(pool.submit(self._load, entry))
+            while in_flight:
+                result = in_flight.popleft().result()
+                if (entry := next(entries, None)) is not None:
+                    in_flight.append(pool.submit(self._load, entry))
+                if isinstance(result, Record):
+                    valid += 1
+                    yield result
+                else:
+                    self.problems += result
         if self.problems and not skip_invalid:
             raise SourceError(self.uri, self.problems, SKIP_HINT)
         if not valid:

@@ -94,7 +94,8 @@ def downscale(record: Record, image_size: int) -> Record:
     if "boxes" in label:
         sx, sy = size[0] / record.width, size[1] / record.height
         label["boxes"] = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in label["boxes"]]
-    return Record(record.file, label, data, record.image_format, size[0], size[1], mask)
+    sha = hashlib.sha256(data).hexdigest()
+    return Record(record.file, label, data, record.image_format, size[0], size[1], mask, sha)
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -129,7 +130,9 @@ class ShardWriter:
         if self._tar is None:
             name = f"{self.split}-{len(self.shards):06d}.tar"
             self._current = {"file": name, "records": 0, "bytes": 0}
-            self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(  # noqa: SIM115 - stays open across write() calls
+                self.folder / name, "w", format=tarfile.USTAR_FORMAT
+            )
         key = f"{self.records:09d}"
         self._add(f"{key}.{record.image_format}", record.data)
         self._add(f"{key}.json", label_json)
@@ -144,7 +147,13 @@ class ShardWriter:
         self._tar.close()
         self._tar = None
         path = self.folder / self._current["file"]
-        self.shards.append({"file": self._current["file"], "records": self._current["records"], "bytes": path.stat().st_size})
+        self.shards.append(
+            {
+                "file": self._current["file"],
+                "records": self._current["records"],
+                "bytes": path.stat().st_size,
+            }
+        )
 
     def close(self) -> list[dict[str, Any]]:
         if self._tar is not None:
@@ -177,7 +186,8 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate else float("inf")
         return (
-            f"ingest {self.name}: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.0f}%), "
+            f"ingest {self.name}: {self.done}/{self.total} images "
+            f"({100 * self.done / max(self.total, 1):.0f}%), "
             f"{rate:.0f} images/s, {self.bytes / elapsed / 2**20:.1f} MB/s, ETA {eta:.1f} s"
         )
 
@@ -213,7 +223,10 @@ def ingest_source(
     num_classes = len(reader.classes)
     counts = {s: [0] * num_classes for s in SPLITS}
     progress = Progress(source.name, len(reader.entries), log)
-    log(f"ingest {source.name}: {len(reader.entries)} images from {source.uri} ({source.format.value})")
+    log(
+        f"ingest {source.name}: {len(reader.entries)} images "
+        f"from {source.uri} ({source.format.value})"
+    )
 
     with tempfile.TemporaryDirectory(prefix="xlearner-ingest-") as staging:
         writers = {s: ShardWriter(Path(staging), s, shard_bytes) for s in SPLITS}
@@ -222,10 +235,15 @@ def ingest_source(
                 record = downscale(record, image_size)
             split = split_of(record.file, source.val_fraction, source.split_seed)
             label_json = json.dumps(
-                {"file": record.file, "width": record.width, "height": record.height, **record.label},
+                {
+                    "file": record.file,
+                    "width": record.width,
+                    "height": record.height,
+                    **record.label,
+                },
                 sort_keys=True,
             ).encode()
-            content.update(f"{record.file}\0{hashlib.sha256(record.data).hexdigest()}\0".encode())
+            content.update(f"{record.file}\0{record.sha256}\0".encode())
             if record.mask is not None:
                 content.update(hashlib.sha256(record.mask).hexdigest().encode())
             content.update(label_json + b"\n")
@@ -245,7 +263,9 @@ def ingest_source(
             if not shards[split]:
                 log(f"ingest {source.name}: warning: the {split} split is empty")
             for shard in shards[split]:
-                shard["sha256"] = store.upload_file(join(prefix, shard["file"]), Path(staging) / shard["file"])
+                shard["sha256"] = store.upload_file(
+                    join(prefix, shard["file"]), Path(staging) / shard["file"]
+                )
     manifest = {
         "format_version": MANIFEST_FORMAT,
         "name": source.name,
@@ -270,7 +290,9 @@ def ingest_source(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     store.write_json(key, manifest)  # last: its presence = published
-    store.write_json(join(source_prefix(source.name), "latest.json"), {"version": version, "manifest": key})
+    store.write_json(
+        join(source_prefix(source.name), "latest.json"), {"version": version, "manifest": key}
+    )
     elapsed = time.monotonic() - progress.start
     log(
         f"ingest {source.name}: published version {version} ({progress.done} images, "

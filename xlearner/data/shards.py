@@ -2,7 +2,7 @@
 
 Shards are downloaded once into the content-addressed cache
 (:meth:`ArtifactStore.local_copy` with the manifest's sha256) and indexed by member
-offsets, so any sample is read with one seek, without extracting the tar.
+offsets, so any sample is read with one positional read, without extracting the tar.
 """
 
 from __future__ import annotations
@@ -45,8 +45,15 @@ def load_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
     except StoreError as err:
         raise ManifestError(f"manifest {uri} cannot be read: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_FORMAT:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{uri} is not an xlearner manifest (format_version {found!r}, expected {MANIFEST_FORMAT!r})")
+        found = (
+            manifest.get("format_version")
+            if isinstance(manifest, dict)
+            else type(manifest).__name__
+        )
+        raise ManifestError(
+            f"{uri} is not an xlearner manifest "
+            f"(format_version {found!r}, expected {MANIFEST_FORMAT!r})"
+        )
     missing = [k for k in ("format", "classes", "splits", "version") if k not in manifest]
     if missing:
         raise ManifestError(f"manifest {uri} lacks the fields {missing}; re-ingest the source")
@@ -145,7 +152,9 @@ class ShardDataset(Dataset):
         while size > 0:
             chunk = os.pread(fd, size, offset)
             if not chunk:
-                raise ManifestError(f"{self.shard_paths[shard]}: unexpected end of shard; delete it from the cache")
+                raise ManifestError(
+                    f"{self.shard_paths[shard]}: unexpected end of shard; delete it from the cache"
+                )
             chunks.append(chunk)
             offset, size = offset + len(chunk), size - len(chunk)
         return b"".join(chunks)
@@ -184,7 +193,9 @@ class ShardDataset(Dataset):
                 img, target = hflip(img, target)
         return img, target
 
-    def _target(self, label: dict[str, Any], mask_bytes: bytes | None, width: int, height: int) -> dict[str, torch.Tensor]:
+    def _target(
+        self, label: dict[str, Any], mask_bytes: bytes | None, width: int, height: int
+    ) -> dict[str, torch.Tensor]:
         size = self.image_size
         if self.format == SourceFormat.cls:
             return {"label": torch.tensor(label["label"], dtype=torch.int64)}
@@ -195,7 +206,10 @@ class ShardDataset(Dataset):
         if self.format == SourceFormat.det:
             boxes = torch.tensor(label["boxes"], dtype=torch.float32).reshape(-1, 4)
             scale = torch.tensor([size / width, size / height] * 2, dtype=torch.float32)
-            return {"boxes": boxes * scale, "labels": torch.tensor(label["labels"], dtype=torch.int64)}
+            return {
+                "boxes": boxes * scale,
+                "labels": torch.tensor(label["labels"], dtype=torch.int64),
+            }
         if self.format == SourceFormat.seg:
             with Image.open(io.BytesIO(mask_bytes)) as mask:
                 resized = mask.resize((size, size), Image.Resampling.NEAREST)
@@ -203,7 +217,9 @@ class ShardDataset(Dataset):
         return {}
 
 
-def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def hflip(
+    image: torch.Tensor, target: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mirror an image and its target left-right (boxes and masks included)."""
     width = image.shape[-1]
     target = dict(target)
@@ -216,13 +232,17 @@ def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.T
     return image.flip(-1), target
 
 
-def _collate_stacked(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _collate_stacked(
+    batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images = torch.stack([img for img, _ in batch])
     keys = batch[0][1].keys()
     return images, {k: torch.stack([t[k] for _, t in batch]) for k in keys}
 
 
-def _collate_listed(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+def _collate_listed(
+    batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     return torch.stack([img for img, _ in batch]), [t for _, t in batch]
 
 

@@ -24,8 +24,18 @@ from PIL import Image, ImageDraw
 
 SYNTH_FORMAT = "xlearner-synth/1"
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-SOURCE_PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40)}
-DOWN_PALETTE = {"orange": (245, 140, 20), "purple": (140, 50, 200), "cyan": (30, 200, 210), "pink": (250, 120, 190)}
+SOURCE_PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+}
+DOWN_PALETTE = {
+    "orange": (245, 140, 20),
+    "purple": (140, 50, 200),
+    "cyan": (30, 200, 210),
+    "pink": (250, 120, 190),
+}
 COUNT_NAMES = ("one", "two", "three")
 
 
@@ -66,7 +76,9 @@ class Drawn:
 def _background(rng: np.random.Generator, size: int, style: str) -> np.ndarray:
     if style == "blobs":  # smooth low-frequency colour noise around a muted grey
         grid = rng.uniform(70, 170, size=(6, 6, 3)).astype(np.uint8)
-        base = np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        base = np.asarray(
+            Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
+        )
     else:  # oriented stripes in a random dark tint
         angle, period = rng.uniform(0, np.pi), rng.uniform(size / 10, size / 4)
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -95,7 +107,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _place(rng: np.random.Generator, size: int, extent: int, taken: list[tuple[int, int, int, int]]):
+def _place(
+    rng: np.random.Generator, size: int, extent: int, taken: list[tuple[int, int, int, int]]
+):
     """A box of side ``extent`` inside the image, avoiding ``taken`` boxes when possible."""
     for _ in range(20):
         x0, y0 = (int(v) for v in rng.integers(0, size - extent + 1, size=2))
@@ -121,7 +135,9 @@ def render(
         shape = int(rng.integers(len(spec.shapes)))
         colour = colours[int(rng.integers(len(colours)))]
         jitter = rng.integers(-20, 21, size=3)
-        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(spec.palette[colour], jitter, strict=True))
+        fill = tuple(
+            int(np.clip(c + j, 0, 255)) for c, j in zip(spec.palette[colour], jitter, strict=True)
+        )
         _draw(draw, spec.shapes[shape], box, fill)
         _draw(draw_mask, spec.shapes[shape], box, shape + 1)
         drawn.append(Drawn(shape, colour, box))
@@ -176,7 +192,9 @@ class _Writer:
             _save(image, folder / stem, as_jpeg)
         elif spec.kind == "attr":
             big = bool(rng.integers(2))
-            image, _, drawn = render(rng, spec, size, int(rng.integers(1, 3)), (0.5, 0.65) if big else (0.25, 0.33))
+            image, _, drawn = render(
+                rng, spec, size, int(rng.integers(1, 3)), (0.5, 0.65) if big else (0.25, 0.33)
+            )
             path = _save(image, self.root / "images" / stem, as_jpeg)
             names = sorted({d.colour for d in drawn} | {"big" if big else "small"})
             self.rows.append([path.name, ";".join(names)])
@@ -242,7 +260,11 @@ def synthesize(
     }
     paths = {spec.name: out / spec.name for spec in specs}
     marker = out / "synth.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params and all(p.is_dir() for p in paths.values()):
+    if (
+        marker.is_file()
+        and json.loads(marker.read_text()) == params
+        and all(p.is_dir() for p in paths.values())
+    ):
         return paths
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
@@ -266,8 +288,16 @@ def synthesize(
 
 
 def synth_source_configs(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """``(sources, downstream)`` config dicts (``SourceConfig`` / ``DownstreamConfig``) for ``out_dir``."""
+    """``(sources, downstream)``: ``SourceConfig`` / ``DownstreamConfig`` dicts for ``out_dir``."""
     out = Path(out_dir)
-    sources = [{"name": s.name, "format": s.format, "uri": str(out / s.name)} for s in SPECS if not s.downstream]
-    downstream = [{"name": s.name, "format": s.format, "uri": str(out / s.name)} for s in SPECS if s.downstream]
+    sources = [
+        {"name": s.name, "format": s.format, "uri": str(out / s.name)}
+        for s in SPECS
+        if not s.downstream
+    ]
+    downstream = [
+        {"name": s.name, "format": s.format, "uri": str(out / s.name)}
+        for s in SPECS
+        if s.downstream
+    ]
     return sources, downstream

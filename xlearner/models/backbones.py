@@ -57,7 +57,9 @@ class Stem(nn.Module):
         return self.maxpool(self.relu(self.bn(self.conv(x))))
 
 
-def make_stage(block: Block, in_channels: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+def make_stage(
+    block: Block, in_channels: int, planes: int, depth: int, stride: int
+) -> nn.Sequential:
     """``depth`` blocks of ``planes``, the first with ``stride`` (torchvision's ``_make_layer``)."""
     out_channels = planes * block.expansion
     downsample = None
@@ -90,7 +92,9 @@ class Backbone(nn.Module):
         in_channels = stem_width
         stages = []
         for index, (depth, width) in enumerate(zip(depths, planes, strict=True)):
-            stages.append(make_stage(block, in_channels, width, depth, stride=1 if index == 0 else 2))
+            stages.append(
+                make_stage(block, in_channels, width, depth, stride=1 if index == 0 else 2)
+            )
             in_channels = width * block.expansion
         self.stages = nn.ModuleList(stages)
         self._init_weights()
@@ -168,8 +172,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def save_backbone(backbone: Backbone, out_dir: str | Path) -> dict[str, Any]:
-    """Write ``backbone.safetensors`` then ``backbone.json`` into ``out_dir``; return the json."""
+def save_backbone(
+    backbone: nn.Module, out_dir: str | Path, extra_spec: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``backbone.safetensors`` then ``backbone.json`` into ``out_dir``; return the json.
+
+    ``backbone`` is a :class:`Backbone` or any module with ``.name`` and ``.channels``
+    (e.g. a pruned network, whose loader needs ``extra_spec`` fields in the json).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -178,6 +188,7 @@ def save_backbone(backbone: Backbone, out_dir: str | Path) -> dict[str, Any]:
         "architecture": backbone.name,
         "channels": list(backbone.channels),
         "num_parameters": count_parameters(backbone),
+        **(extra_spec or {}),
     }
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     _atomic_write(out / SPEC_FILE, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
@@ -217,7 +228,8 @@ def read_backbone_spec(path: str | Path) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("format") != BACKBONE_FORMAT:
         found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
         raise BackboneError(
-            f"{spec_path}: not a backbone spec: field 'format' is {found!r}, expected {BACKBONE_FORMAT!r}"
+            f"{spec_path}: not a backbone spec: field 'format' is {found!r}, "
+            f"expected {BACKBONE_FORMAT!r}"
         )
     if spec.get("architecture") not in _REGISTRY:
         raise BackboneError(
@@ -260,7 +272,8 @@ def load_backbone_weights(backbone: Backbone, file: str | Path) -> Backbone:
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         raise BackboneError(
-            f"{file}: {len(unexpected)} tensors are not part of {backbone.name}, e.g. {_some(unexpected)}"
+            f"{file}: {len(unexpected)} tensors are not part of {backbone.name}, "
+            f"e.g. {_some(unexpected)}"
         )
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
@@ -282,11 +295,15 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
             raise BackboneError(f"{file}: not a readable safetensors file ({err})") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not usable"
+    except Exception as err:  # any unpickling failure means "not usable"
         raise BackboneError(
             f"{file}: not a safetensors file and not a weights-only torch state dict ({err})"
         ) from None
-    if isinstance(state, Mapping) and len(state) == 1 and isinstance(next(iter(state.values())), Mapping):
+    if (
+        isinstance(state, Mapping)
+        and len(state) == 1
+        and isinstance(next(iter(state.values())), Mapping)
+    ):
         state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}}
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise BackboneError(f"{file}: expected a mapping of tensor names to tensors")

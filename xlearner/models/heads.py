@@ -142,7 +142,9 @@ class MultilabelHead(PooledLinearHead):
         self, features: Sequence[Tensor], images: Tensor, targets: Mapping[str, Tensor], ctx: Any
     ) -> dict[str, Tensor]:
         logits = self.predict(features)
-        return {"bce": F.binary_cross_entropy_with_logits(logits, targets["labels"].to(logits.dtype))}
+        return {
+            "bce": F.binary_cross_entropy_with_logits(logits, targets["labels"].to(logits.dtype))
+        }
 
     def metric(self) -> MetricAccumulator:
         return MultilabelMAP()
@@ -162,11 +164,11 @@ class DetectionHead(TaskHead):
     torchvision's FCOS scores every class with its own sigmoid (no background logit), so
     ``num_classes`` logits serve labels 0..num_classes-1.
 
-    ``levels`` (pyramid levels l: P_l has stride 2**l and is built from C_l): by default
-    P2-P5 below 128 px, where P3's 8 px grid is too coarse for small objects and P6/P7
-    would be 1 px maps, else P3-P5 (FCOS sends every object larger than 8 strides of the
-    last level to it, so P6/P7 are not needed). Anchors (FCOS's points) have the size of
-    their level's stride, as in the paper.
+    ``levels``: pyramid levels l, P_l has stride 2**l and is built from C_l. Default
+    P3-P5: FCOS's last level has no upper object size, so P6/P7 (1-2 px maps on small
+    images) are left out; pass ``levels=(2, 3, 4, 5)`` for objects under ~8 px (P2
+    quadruples the head's cost). FCOS's points have their level's stride as size, as in
+    the paper.
     """
 
     def __init__(
@@ -174,7 +176,7 @@ class DetectionHead(TaskHead):
         channels: Sequence[int],
         num_classes: int,
         image_size: int,
-        levels: Sequence[int] | None = None,
+        levels: Sequence[int] = (3, 4, 5),
         fpn_channels: int | None = None,
         num_convs: int = 4,
         score_thresh: float = 0.05,
@@ -182,7 +184,7 @@ class DetectionHead(TaskHead):
         detections_per_img: int = 100,
     ) -> None:
         super().__init__(channels, num_classes, image_size)
-        self.levels = tuple(levels or ((2, 3, 4, 5) if image_size < 128 else (3, 4, 5)))
+        self.levels = tuple(levels)
         if not set(self.levels) <= {2, 3, 4, 5} or list(self.levels) != sorted(set(self.levels)):
             raise ValueError(f"levels must be increasing values within 2..5 (C2..C5), got {levels}")
         width = fpn_channels or head_width(channels)
@@ -209,7 +211,9 @@ class DetectionHead(TaskHead):
         # Boxes are decoded in pixels: float32 even under bf16 autocast.
         return {name: out.float() for name, out in self.fcos.head(pyramid).items()}
 
-    def _anchors(self, pyramid: list[Tensor], batch: int, image_hw: tuple[int, int]) -> list[Tensor]:
+    def _anchors(
+        self, pyramid: list[Tensor], batch: int, image_hw: tuple[int, int]
+    ) -> list[Tensor]:
         """FCOS's points per image; the generator reads only shapes, dtype and device."""
         device = pyramid[0].device
         maps = [torch.empty((0, 0, *p.shape[-2:]), device=device) for p in pyramid]
@@ -265,7 +269,9 @@ class SegmentationHead(TaskHead):
 
     def logits(self, features: Sequence[Tensor], size: Sequence[int]) -> Tensor:
         c2, c5 = features[0], features[-1]
-        context = F.interpolate(self.context(c5), size=c2.shape[-2:], mode="bilinear", align_corners=False)
+        context = F.interpolate(
+            self.context(c5), size=c2.shape[-2:], mode="bilinear", align_corners=False
+        )
         logits = self.classifier(self.fuse(torch.cat([context, self.skip(c2)], dim=1)))
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 

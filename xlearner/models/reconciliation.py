@@ -83,7 +83,9 @@ class ReconciledNetwork(nn.Module):
             raise ValueError(f"receive_stages must be within 1..{NUM_STAGES}, got {bad_stages}")
         bad_names = [t for t in sub_backbones if not t or "." in t or "<-" in t or ":" in t]
         if bad_names:
-            raise ValueError(f"task names may not be empty or contain '.', '<-' or ':': {bad_names}")
+            raise ValueError(
+                f"task names may not be empty or contain '.', '<-' or ':': {bad_names}"
+            )
         self.mode = mode
         self.detach_other_tasks = detach_other_tasks
         self.receive_stages = tuple(sorted(set(receive_stages)))
@@ -108,7 +110,9 @@ class ReconciledNetwork(nn.Module):
                         )
 
     def _source_stages(self, to_stage: int) -> range:
-        return range(to_stage, to_stage + 1) if self.mode == "same_level" else range(1, to_stage + 1)
+        return (
+            range(to_stage, to_stage + 1) if self.mode == "same_level" else range(1, to_stage + 1)
+        )
 
     @property
     def tasks(self) -> list[str]:

@@ -5,7 +5,7 @@ task t and matched level l, to reproduce the teacher's reconciled features:
 
     L_distill = sum_t sum_l mean((F_l^t - G_l^t(F^_l))^2)
 
-Choices the paper leaves open (see docs/squeeze.md):
+Choices the paper leaves open:
 
 - ``levels`` (config ``squeeze.levels``, 1..4 = C2..C5) are matched; default C5 only.
 - The student's feature is bilinearly resized to the teacher's when their strides differ.
@@ -103,7 +103,9 @@ def _adapters(
         {
             name: nn.ModuleDict(
                 {
-                    level_name(level): FeatureAdapter(student_channels[level - 1], channels[level - 1])
+                    level_name(level): FeatureAdapter(
+                        student_channels[level - 1], channels[level - 1]
+                    )
                     for level in levels
                 }
             )
@@ -146,7 +148,9 @@ class DistillationObjective(nn.Module):
         super().__init__()
         bad = [level for level in levels if level not in ALL_LEVELS]
         if bad or not levels:
-            raise ValueError(f"levels must be a non-empty subset of 1..4 (C2..C5); got {list(levels)}")
+            raise ValueError(
+                f"levels must be a non-empty subset of 1..4 (C2..C5); got {list(levels)}"
+            )
         self.levels = tuple(sorted(set(levels)))
         self.task_loss_weight = task_loss_weight
         self.hint_weight = hint_weight
@@ -163,7 +167,9 @@ class DistillationObjective(nn.Module):
                 param.requires_grad_(True)
         self.hints = nn.ModuleDict({name: _frozen(hint) for name, hint in (hints or {}).items()})
         self.hint_adapters = _adapters(
-            student.channels, {name: hint.channels for name, hint in self.hints.items()}, self.levels
+            student.channels,
+            {name: hint.channels for name, hint in self.hints.items()},
+            self.levels,
         )
 
     def train(self, mode: bool = True) -> DistillationObjective:
@@ -184,7 +190,9 @@ class DistillationObjective(nn.Module):
     def forward(self, images: Tensor, stream: str, targets: Any = None) -> dict[str, Tensor]:
         student = self.student(images)
         losses = {
-            "distill": _matching_loss(student, self.teacher_features(images), self.adapters, self.levels)
+            "distill": _matching_loss(
+                student, self.teacher_features(images), self.adapters, self.levels
+            )
         }
         if len(self.hints):
             with torch.no_grad():
@@ -196,7 +204,9 @@ class DistillationObjective(nn.Module):
             losses.update(self._task_losses(images, stream, targets, student))
         return losses
 
-    def _task_losses(self, images: Tensor, stream: str, targets: Any, student: list[Tensor]) -> dict[str, Tensor]:
+    def _task_losses(
+        self, images: Tensor, stream: str, targets: Any, student: list[Tensor]
+    ) -> dict[str, Tensor]:
         head = self.heads[stream]
         inputs, ctx = head.prepare_inputs(images)
         features = student if inputs is images else self.student(inputs)
@@ -225,7 +235,6 @@ def train_objective(
     streams: list[Stream],
     cfg: SqueezeConfig,
     engine_cfg: EngineConfig,
-    *,
     seed: int,
     name: str,
     checkpointer: Checkpointer | None,
@@ -252,6 +261,7 @@ def train_objective(
         "val_loss": mean_val_loss(after),
         "start_step": start_step,
         "steps": cfg.train.steps,
+        "levels": list(objective.levels),
     }
     log.info(
         f"[{name}] val objective {metrics['val_loss_initial']:.4f} -> {metrics['val_loss']:.4f} "
@@ -283,14 +293,13 @@ def distill(
         teacher, student, cfg.levels, cfg.task_loss_weight, hints=hints, hint_weight=hint_weight
     )
     metrics = train_objective(
-        objective, streams, cfg, engine_cfg, seed=seed, name=name, checkpointer=checkpointer, on_metrics=on_metrics
+        objective, streams, cfg, engine_cfg, seed, name, checkpointer, on_metrics
     )
     metrics |= {
         "method": "distill",
         "student": student_arch,
         "student_parameters": count_parameters(student),
         "teacher_parameters": count_parameters(teacher.trunk),
-        "levels": list(objective.levels),
         "hints": sorted(objective.hints),
     }
     return student.cpu().eval(), metrics

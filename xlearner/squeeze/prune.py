@@ -2,8 +2,7 @@
 
 Structured channel pruning with Torch-Pruning's DepGraph, which keeps coupled channels
 consistent: the residual adds inside every sub-backbone and the sums
-F_i^t = E_i^t + sum gamma(E_j^k) that tie gamma outputs to stage outputs. Choices
-(see docs/squeeze.md):
+F_i^t = E_i^t + sum gamma(E_j^k) that tie gamma outputs to stage outputs. Choices:
 
 - What is pruned: the whole trunk (every sub-backbone and gamma) wrapped as one
   backbone (:class:`PrunedReconciledBackbone`, levels = concatenation over tasks); the
@@ -54,7 +53,9 @@ def count_flops(module: torch.nn.Module, image_size: int) -> int:
     module.eval()
     try:
         with torch.no_grad():
-            example = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+            example = torch.zeros(
+                1, 3, image_size, image_size, device=param.device, dtype=param.dtype
+            )
             ops, _ = tp.utils.count_ops_and_params(module, example)
     finally:
         module.train(was_training)
@@ -85,7 +86,9 @@ def prune_once(backbone: PrunedReconciledBackbone, ratio: float) -> PrunedReconc
     return pruned
 
 
-def prune_to_size(backbone: PrunedReconciledBackbone, target_params: int) -> tuple[PrunedReconciledBackbone, float]:
+def prune_to_size(
+    backbone: PrunedReconciledBackbone, target_params: int
+) -> tuple[PrunedReconciledBackbone, float]:
     """Prune uniformly until the parameter count is about ``target_params``; returns the
     pruned copy and the channel ratio used."""
     total = count_parameters(backbone)
@@ -101,7 +104,10 @@ def prune_to_size(backbone: PrunedReconciledBackbone, target_params: int) -> tup
         pruned = prune_once(backbone, ratio)
         count = count_parameters(pruned)
         error = abs(count / target_params - 1)
-        log.info(f"prune attempt {attempt}: channel ratio {ratio:.4f} -> {count:,} params (target {target_params:,})")
+        log.info(
+            f"prune attempt {attempt}: channel ratio {ratio:.4f} -> {count:,} params "
+            f"(target {target_params:,})"
+        )
         if best is None or error < best[0]:
             best = (error, pruned, ratio)
         if error <= AIM_TOLERANCE:
@@ -152,7 +158,7 @@ def prune(
     torch.manual_seed(seed)
     objective = DistillationObjective(teacher, pruned, cfg.levels, cfg.task_loss_weight)
     report = train_objective(
-        objective, streams, cfg, engine_cfg, seed=seed, name=name, checkpointer=checkpointer, on_metrics=on_metrics
+        objective, streams, cfg, engine_cfg, seed, name, checkpointer, on_metrics
     )
     report |= {
         "method": "prune",
@@ -164,6 +170,5 @@ def prune(
         "flops_after": flops_after,
         "image_size": image_size,
         "channels": list(pruned.channels),
-        "levels": list(objective.levels),
     }
     return pruned.cpu().eval(), report

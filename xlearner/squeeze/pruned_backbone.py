@@ -51,7 +51,10 @@ class PrunedReconciledBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = self.trunk(x)
-        return [torch.cat([features[task][i] for task in self.trunk.tasks], dim=1) for i in range(NUM_STAGES)]
+        return [
+            torch.cat([features[task][i] for task in self.trunk.tasks], dim=1)
+            for i in range(NUM_STAGES)
+        ]
 
     @torch.no_grad()
     def measure_channels(self) -> tuple[int, ...]:
@@ -61,7 +64,9 @@ class PrunedReconciledBackbone(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            probe = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, device=param.device, dtype=param.dtype)
+            probe = torch.zeros(
+                1, 3, PROBE_SIZE, PROBE_SIZE, device=param.device, dtype=param.dtype
+            )
             return tuple(int(f.shape[1]) for f in self(probe))
         finally:
             self.train(was_training)
@@ -94,26 +99,38 @@ def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
     try:
         trunk = build_trunk(spec["trunk"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BackboneError(f"{spec_path}: field 'trunk' is not a valid reconciled trunk spec ({err})") from None
+        raise BackboneError(
+            f"{spec_path}: field 'trunk' is not a valid reconciled trunk spec ({err})"
+        ) from None
     if not isinstance(trunk, ReconciledNetwork):
-        raise BackboneError(f"{spec_path}: field 'trunk' must describe a reconciled trunk, got {spec['trunk']}")
-    shrink_to_shapes(trunk, {k.removeprefix("trunk."): v for k, v in spec["shapes"].items()}, spec_path)
+        raise BackboneError(
+            f"{spec_path}: field 'trunk' must describe a reconciled trunk, got {spec['trunk']}"
+        )
+    shrink_to_shapes(
+        trunk, {k.removeprefix("trunk."): v for k, v in spec["shapes"].items()}, spec_path
+    )
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as err:
         raise BackboneError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    backbone = PrunedReconciledBackbone(trunk, spec["trunk"])
-    expected = backbone.state_dict()
+    expected = {f"trunk.{k}": v for k, v in trunk.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    mismatched = sorted(
+        k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape
+    )
     if missing or unexpected or mismatched:
         raise BackboneError(
             f"{weights_path} does not match {spec_path}: missing tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}, shapes differing from 'shapes' {mismatched[:5]}"
         )
-    backbone.load_state_dict(state, strict=True)
-    backbone.channels = backbone.measure_channels()
+    trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in state.items()}, strict=True)
+    try:
+        backbone = PrunedReconciledBackbone(trunk, spec["trunk"])
+    except RuntimeError as err:  # layers whose recorded widths do not fit together
+        raise BackboneError(
+            f"{spec_path}: field 'shapes' does not describe a working network ({err})"
+        ) from None
     return backbone.eval()
 
 
@@ -142,7 +159,10 @@ def shrink_to_shapes(model: nn.Module, shapes: Mapping[str, list[int]], origin: 
     layers' size attributes updated, so ``model`` becomes the pruned architecture.
     """
     for prefix, module in model.named_modules():
-        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        tensors = {
+            **dict(module.named_parameters(recurse=False)),
+            **dict(module.named_buffers(recurse=False)),
+        }
         resized = False
         for name, tensor in tensors.items():
             key = f"{prefix}.{name}" if prefix else name
@@ -151,8 +171,8 @@ def shrink_to_shapes(model: nn.Module, shapes: Mapping[str, list[int]], origin: 
                 continue
             if not isinstance(module, nn.Conv2d | nn.BatchNorm2d | nn.Linear):
                 raise BackboneError(
-                    f"{origin}: tensor {key!r} has shape {shape} but {type(module).__name__} layers "
-                    f"cannot be resized (only Conv2d, BatchNorm2d, Linear)"
+                    f"{origin}: tensor {key!r} has shape {shape}, but {type(module).__name__} "
+                    f"layers cannot be resized (only Conv2d, BatchNorm2d, Linear)"
                 )
             empty = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
             if isinstance(tensor, nn.Parameter):
@@ -172,6 +192,8 @@ def _update_sizes(module: nn.Module) -> None:
             module.groups = module.out_channels
         module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.BatchNorm2d):
-        module.num_features = module.weight.shape[0] if module.weight is not None else module.running_mean.shape[0]
+        module.num_features = (
+            module.weight.shape[0] if module.weight is not None else module.running_mean.shape[0]
+        )
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape

@@ -1,0 +1,261 @@
+"""Retrain when a source lands: a sensor over the store's ``sources/`` prefix.
+
+Webhooks are a Prefect Cloud feature; on a self-hosted server a scheduled sensor flow
+(:func:`watch_sources`) lists ``sources/*/latest.json`` and emits one
+``xlearner.source.landed`` event per source version it has not announced yet. The
+pipeline deployment carries a ``DeploymentEventTrigger`` on that event
+(:func:`landed_trigger`) whose parameters are the event's payload ``config``: the
+deployment's config plus every source of the store it does not list yet, so the
+triggered run trains on the updated source list. ``xlearner sources add``
+(:func:`add_source`) ingests one source and emits the same event at once.
+
+Once per change:
+
+- a version is news until it was announced (recorded in
+  ``sensor/<config name>/announced.json`` in the store, written after the emit) or a
+  pipeline run ingested it itself (``runs/ingest/*/result.json`` lists it), so the
+  sources a pipeline run publishes never trigger another run;
+- the event id is a hash of (config, source, version): after a crash between the emit
+  and the record, the next scan emits the same id again and the Prefect server drops
+  it as a duplicate (it remembers event ids for 5 minutes or more; after a longer outage the
+  re-run finds every stage's output in the store and only re-ingests).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_API_URL
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from xlearner.config import ConfigError, PipelineConfig, validate_config
+from xlearner.data.ingest import manifest_key, source_prefix
+from xlearner.store import ArtifactStore, join, open_store
+
+LANDED_EVENT = "xlearner.source.landed"
+RESOURCE_PREFIX = "xlearner.source."
+CONFIG_LABEL = "xlearner.config"  # resource label: which deployment's config the event is for
+STATE_FORMAT = "xlearner-sensor/1"
+EVENT_NAMESPACE = uuid.UUID("6f1f3b4e-2d5c-4c1e-9a57-7d4a1f0c3b21")
+ANNOUNCED = "announced"
+INGESTED = "ingested by a pipeline run"
+
+logger = logging.getLogger(__name__)
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Landed:
+    """One published source version (``sources/<name>/latest.json``)."""
+
+    name: str
+    version: str
+    manifest: str  # store URI of its manifest.json
+
+
+def state_key(config_name: str) -> str:
+    return join("sensor", config_name, "announced.json")
+
+
+def latest_versions(store: ArtifactStore) -> dict[str, Landed]:
+    """The latest published version of every source in the store."""
+    landed = {}
+    for key in store.list("sources"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "latest.json":
+            latest = store.read_json(key)
+            name = parts[1]
+            landed[name] = Landed(name, latest["version"], store.uri(latest["manifest"]))
+    return landed
+
+
+def ingested_versions(store: ArtifactStore) -> dict[str, set[str]]:
+    """Source versions that pipeline runs ingested themselves (their ingest results)."""
+    seen: dict[str, set[str]] = {}
+    for key in store.list("runs/ingest"):
+        if key.endswith("/result.json"):
+            for name, version in store.read_json(key).get("versions", {}).items():
+                seen.setdefault(name, set()).add(version)
+    return seen
+
+
+def read_state(store: ArtifactStore, config_name: str) -> dict[str, dict[str, str]]:
+    """``{source: {version: why it is known}}``; empty before the first announcement."""
+    key = state_key(config_name)
+    if not store.exists(key):
+        return {}
+    state = store.read_json(key)
+    if state.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"{store.uri(key)}: unknown sensor state format {state.get('format')!r} "
+            f"(expected {STATE_FORMAT!r}); delete it to re-announce every source not yet ingested"
+        )
+    return state["known"]
+
+
+def write_state(store: ArtifactStore, config_name: str, known: dict[str, dict[str, str]]) -> None:
+    store.write_json(state_key(config_name), {"format": STATE_FORMAT, "known": known})
+
+
+def updated_config(
+    cfg: PipelineConfig, store: ArtifactStore, landed: dict[str, Landed]
+) -> PipelineConfig:
+    """``cfg`` plus every landed source it does not list, as a training source.
+
+    Sources the config lists keep their entries: the run re-ingests them from their
+    configured ``uri`` (which is what :func:`add_source` ingested). A new source takes
+    its format, location and split from its manifest.
+    """
+    data = cfg.model_dump(mode="json")
+    listed = {s.name for s in [*cfg.sources, *cfg.downstream]}
+    for name in sorted(set(landed) - listed):
+        manifest = store.read_json(manifest_key(name, landed[name].version))
+        data["sources"].append(
+            {
+                "name": name,
+                "format": manifest["format"],
+                "uri": manifest["source_uri"],
+                "val_fraction": manifest["split"]["val_fraction"],
+                "split_seed": manifest["split"]["seed"],
+            }
+        )
+    return validate_config(data, origin=f"{cfg.name} + the sources in {store.uri('sources')}")
+
+
+def event_id(config_name: str, landed: Landed) -> uuid.UUID:
+    """The same (config, source, version) always gets the same event id (server-side dedupe)."""
+    return uuid.uuid5(EVENT_NAMESPACE, f"{config_name}/{landed.name}/{landed.version}")
+
+
+def landed_event(config: PipelineConfig, landed: Landed):
+    from prefect.events import Event
+
+    return Event(
+        id=event_id(config.name, landed),
+        event=LANDED_EVENT,
+        resource={
+            "prefect.resource.id": f"{RESOURCE_PREFIX}{landed.name}",
+            "prefect.resource.name": landed.name,
+            CONFIG_LABEL: config.name,
+            "xlearner.source.version": landed.version,
+        },
+        # Defaults left out: a deployment made before a new config field still accepts it.
+        payload={**asdict(landed), "config": config.model_dump(mode="json", exclude_defaults=True)},
+    )
+
+
+def emit_events(events: Iterable[Any]) -> None:
+    """Send events to the Prefect server now (not through the background worker)."""
+    from prefect.events.clients import get_events_client
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            for event in events:
+                await client.emit(event)
+
+    run_coro_as_sync(send())
+
+
+def landed_trigger(config_name: str):
+    """The pipeline deployment's trigger: one run per landed event for this config."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=f"xlearner-retrain-{config_name}",
+        description="Retrain when a source version lands in the store (flows/trigger.py)",
+        expect={LANDED_EVENT},
+        match={"prefect.resource.id": f"{RESOURCE_PREFIX}*", CONFIG_LABEL: config_name},
+        parameters={"config": "{{ event.payload.config }}"},
+    )
+
+
+def announce(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    *,
+    only: Iterable[str] | None = None,
+    adopt_new_sources: bool = True,
+    emit: Callable[[list[Any]], None] = emit_events,
+    log: LogFn = logger.info,
+) -> list[Landed]:
+    """Emit one event per source version not announced or ingested yet; returns them.
+
+    ``only``: consider just these sources. ``adopt_new_sources=False``: sources the
+    config does not list are ignored (logged) instead of joining the next run.
+    """
+    landed = latest_versions(store)
+    known = read_state(store, cfg.name)
+    wanted = set(landed) if only is None else set(only)
+    fresh = {n: v for n, v in landed.items() if n in wanted and v.version not in known.get(n, {})}
+    changed = False
+    if fresh:  # sources that a pipeline run published are not news
+        for name, versions in ingested_versions(store).items():
+            if name in fresh and fresh[name].version in versions:
+                known.setdefault(name, {})[fresh.pop(name).version] = INGESTED
+                changed = True
+    if not adopt_new_sources:
+        listed = {s.name for s in [*cfg.sources, *cfg.downstream]}
+        for name in sorted(set(fresh) - listed):
+            log(f"source {name} landed but config {cfg.name} does not list it: ignored")
+            del fresh[name]
+        landed = {n: v for n, v in landed.items() if n in listed}
+    if fresh:
+        config = updated_config(cfg, store, landed)
+        emit([landed_event(config, v) for v in fresh.values()])
+        for v in fresh.values():
+            known.setdefault(v.name, {})[v.version] = ANNOUNCED
+            log(f"announced {v.name} version {v.version} -> retraining {cfg.name}")
+    if fresh or changed:
+        write_state(store, cfg.name, known)  # after the emit: a crash re-emits the same ids
+    return list(fresh.values())
+
+
+def deployment_config(deployment: str) -> PipelineConfig:
+    """The default ``config`` parameter of a pipeline deployment (``flow/deployment``)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        parameters = client.read_deployment_by_name(deployment).parameters
+    if "config" not in parameters:
+        raise ConfigError(f"deployment {deployment!r} has no default `config`; redeploy it")
+    return validate_config(parameters["config"], origin=f"deployment {deployment}")
+
+
+@flow(name="xlearner-source-sensor", log_prints=True)
+def watch_sources(deployment: str, adopt_new_sources: bool = True) -> list[dict]:
+    """Announce every source version that landed since the last scan (scheduled)."""
+    log = get_run_logger().info
+    cfg = deployment_config(deployment)
+    store = open_store(cfg.store.uri, cfg.store.endpoint_url)
+    announced = announce(cfg, store, adopt_new_sources=adopt_new_sources, log=log)
+    if not announced:
+        log(f"no new source versions under {store.uri('sources')}")
+    return [asdict(v) for v in announced]
+
+
+def add_source(cfg: PipelineConfig, name: str) -> str:
+    """Ingest one source of ``cfg`` into its store and announce it (``xlearner sources add``)."""
+    from xlearner.data.ingest import ingest_source
+
+    every = {s.name: s for s in [*cfg.sources, *cfg.downstream]}
+    if name not in every:
+        raise ConfigError(
+            f"source {name!r} is not in config {cfg.name!r} (sources: {sorted(every)}); "
+            f"add it under `sources:` with its name, format and uri first"
+        )
+    store = open_store(cfg.store.uri, cfg.store.endpoint_url)
+    manifest = ingest_source(every[name], store, image_size=cfg.model.image_size, log=logger.info)
+    version = manifest["version"]
+    published = (
+        f"{name}: version {version} is published at {store.uri(source_prefix(name, version))}"
+    )
+    if not PREFECT_API_URL.value():
+        return f"{published}; PREFECT_API_URL is not set: no event (the sensor will announce it)"
+    if not announce(cfg, store, only=[name]):
+        return f"{published}; it was announced or trained on before: nothing to do"
+    return f"{published}; emitted {LANDED_EVENT}: {cfg.name} retrains"
