@@ -39,13 +39,18 @@ class InMemory(Dataset):
 
 
 def collate(items):
-    return torch.stack([x for x, _ in items]), {"label": torch.stack([t["label"] for _, t in items])}
+    return torch.stack([x for x, _ in items]), {
+        "label": torch.stack([t["label"] for _, t in items])
+    }
 
 
 def make_model(arch: str, image_size: int, classes: int):
     torch.manual_seed(0)
-    spec = {"trunk": backbone_trunk_spec(arch), "streams": {"bench:cls": {"task": "cls", "num_classes": classes}},
-            "image_size": image_size}
+    spec = {
+        "trunk": backbone_trunk_spec(arch),
+        "streams": {"bench:cls": {"task": "cls", "num_classes": classes}},
+        "image_size": image_size,
+    }
     return build_model(spec)
 
 
@@ -76,7 +81,9 @@ def engine_round(model, data: InMemory, batch: int, steps: int, engine: EngineCo
     stream = Stream("bench:cls", "cls", data, None, collate)
     warm = Trainer(model, [stream], TrainConfig(steps=2, batch_size=batch, warmup_steps=0), engine)
     warm.fit()
-    trainer = Trainer(warm.model, [stream], TrainConfig(steps=steps, batch_size=batch, warmup_steps=0), engine)
+    trainer = Trainer(
+        warm.model, [stream], TrainConfig(steps=steps, batch_size=batch, warmup_steps=0), engine
+    )
     sync(trainer.device)
     t0 = time.perf_counter()
     trainer.fit()
@@ -85,7 +92,9 @@ def engine_round(model, data: InMemory, batch: int, steps: int, engine: EngineCo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="tiny_resnet")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
@@ -96,8 +105,13 @@ def main() -> None:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     args = parser.parse_args()
     device = torch.device(args.device)
-    engine = EngineConfig(device=args.device, precision=args.precision, channels_last=args.channels_last,
-                          log_every_steps=10**6, checkpoint_every_steps=10**6)
+    engine = EngineConfig(
+        device=args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        log_every_steps=10**6,
+        checkpoint_every_steps=10**6,
+    )
     data = InMemory(max(args.batch * 4, 64), args.image_size, 10)
     ref_model = make_model(args.arch, args.image_size, 10).to(device)
     eng_model = make_model(args.arch, args.image_size, 10)
@@ -105,9 +119,15 @@ def main() -> None:
     for r in range(args.rounds):
         ref.append(reference_round(ref_model, data, args.batch, args.steps, device))
         eng.append(engine_round(eng_model, data, args.batch, args.steps, engine))
-        print(f"round {r + 1}: reference {ref[-1]:.1f} img/s, engine {eng[-1]:.1f} img/s", flush=True)
+        print(
+            f"round {r + 1}: reference {ref[-1]:.1f} img/s, engine {eng[-1]:.1f} img/s", flush=True
+        )
     ref_m, eng_m = statistics.median(ref), statistics.median(eng)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
     print(f"\n{args.arch} batch {args.batch} at {args.image_size}px on {name}")
     print(f"reference (fp32 plain loop): {ref_m:9.1f} img/s (median of {args.rounds})")
     print(f"engine ({args.precision}, channels_last {args.channels_last}): {eng_m:9.1f} img/s")

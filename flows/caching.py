@@ -35,7 +35,9 @@ def code_version() -> str:
 
 
 def stage_key(stage: str, section: Any, inputs: Any) -> str:
-    return hash_json({"stage": stage, "config": section, "inputs": inputs, "code": code_version()})[:KEY_LENGTH]
+    return hash_json({"stage": stage, "config": section, "inputs": inputs, "code": code_version()})[
+        :KEY_LENGTH
+    ]
 
 
 def stage_out(store_uri: str, stage: str, key: str) -> str:

@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -55,7 +59,11 @@ class PipelineContext:
 
     @property
     def store_uri(self) -> str:
-        return self.cfg.store.uri if "://" in self.cfg.store.uri else str(Path(self.cfg.store.uri).resolve())
+        return (
+            self.cfg.store.uri
+            if "://" in self.cfg.store.uri
+            else str(Path(self.cfg.store.uri).resolve())
+        )
 
     def record(self, label: str, seconds: float, ran: bool) -> None:
         with self.lock:
@@ -98,10 +106,14 @@ def run_stage(ctx: PipelineContext, stage: str, label: str, args: list[str], out
     if ctx.parent_run_id:
         command += ["--mlflow-parent-run-id", ctx.parent_run_id]
     runner = make_runner(ctx.cfg.runner)
-    result = runner.run(stage, command, env=ctx.env, log=lambda line: logger.info(f"[{label}] {line}"))
+    result = runner.run(
+        stage, command, env=ctx.env, log=lambda line: logger.info(f"[{label}] {line}")
+    )
     ctx.record(label, time.perf_counter() - t0, ran=True)
     if result.result is None:
-        raise StageFailed(stage, result.returncode, result.log_tail, "printed no XLEARNER_RESULT line")
+        raise StageFailed(
+            stage, result.returncode, result.log_tail, "printed no XLEARNER_RESULT line"
+        )
     return result.result
 
 
@@ -110,10 +122,18 @@ def synthesize_sources(cfg: PipelineConfig) -> list[str]:
     """Generate the synthetic sources on first use (the quick start and the tests)."""
     from xlearner.data.synth import synthesize
 
-    missing = [s.uri for s in [*cfg.sources, *cfg.downstream] if "://" not in s.uri and not Path(s.uri).exists()]
+    missing = [
+        s.uri
+        for s in [*cfg.sources, *cfg.downstream]
+        if "://" not in s.uri and not Path(s.uri).exists()
+    ]
     if missing:
-        synthesize(cfg.synth.out, seed=cfg.synth.seed, images_per_source=cfg.synth.images_per_source,
-                   image_size=cfg.synth.image_size)
+        synthesize(
+            cfg.synth.out,
+            seed=cfg.synth.seed,
+            images_per_source=cfg.synth.images_per_source,
+            image_size=cfg.synth.image_size,
+        )
     return missing
 
 
@@ -125,7 +145,9 @@ class Plan:
         self.cfg = ctx.cfg
         self.memo: dict[str, PrefectFuture] = {}
 
-    def submit(self, stage: str, label: str, section: Any, inputs: Any, args: list[str]) -> PrefectFuture:
+    def submit(
+        self, stage: str, label: str, section: Any, inputs: Any, args: list[str]
+    ) -> PrefectFuture:
         out = stage_out(self.ctx.store_uri, stage, stage_key(stage, section, inputs))
         if out not in self.memo:
             self.memo[out] = run_stage.submit(self.ctx, stage, label, args, out)
@@ -136,9 +158,15 @@ class Plan:
         futures = {}
         for source in [*self.cfg.sources, *self.cfg.downstream]:
             fingerprint = source_fingerprint(source.uri, self.cfg.store.endpoint_url)
-            section = {"source": source.model_dump(mode="json"), "image_size": self.cfg.model.image_size}
+            section = {
+                "source": source.model_dump(mode="json"),
+                "image_size": self.cfg.model.image_size,
+            }
             futures[source.name] = self.submit(
-                "ingest", f"ingest-{source.name}", section, {"fingerprint": fingerprint, "store": self.ctx.store_uri},
+                "ingest",
+                f"ingest-{source.name}",
+                section,
+                {"fingerprint": fingerprint, "store": self.ctx.store_uri},
                 ["--source", source.name, "--store", self.ctx.store_uri],
             )
         results = {name: f.result() for name, f in futures.items()}
@@ -165,7 +193,9 @@ class Plan:
         label = f"expand-{task.value}" + (f"-{only_source}" if only_source else "")
         if only_source:
             args += ["--source", only_source]
-        section = self.training_section({"task": task.value, "train": self.cfg.train_config(task).model_dump(mode="json")})
+        section = self.training_section(
+            {"task": task.value, "train": self.cfg.train_config(task).model_dump(mode="json")}
+        )
         return self.submit("expand", label, section, {s: self.versions[s] for s in sources}, args)
 
     def expand_all(self) -> dict[str, dict]:
@@ -176,49 +206,84 @@ class Plan:
         return [s.name for s in self.cfg.sources]
 
     def reconcile(self, subs: dict[str, dict], mode: str) -> dict:
-        section = self.training_section({"reconcile": self.cfg.reconcile.model_dump(mode="json"), "mode": mode})
+        section = self.training_section(
+            {"reconcile": self.cfg.reconcile.model_dump(mode="json"), "mode": mode}
+        )
         args = [arg for t, r in subs.items() for arg in ("--sub-model", f"{t}={r['model']}")]
         args += [*self.manifest_args(self.all_manifests()), "--set", f"reconcile.mode={mode}"]
         inputs = {"subs": {t: r["out"] for t, r in subs.items()}, "versions": self.versions}
         return self.submit("reconcile", f"reconcile-{mode}", section, inputs, args).result()
 
     def squeeze(self, label: str, teacher_args: list[str], inputs: Any, method: str) -> dict:
-        section = self.training_section({"squeeze": self.cfg.squeeze.model_dump(mode="json"), "method": method})
-        args = [*teacher_args, *self.manifest_args(self.all_manifests()), "--set", f"squeeze.method={method}"]
+        section = self.training_section(
+            {"squeeze": self.cfg.squeeze.model_dump(mode="json"), "method": method}
+        )
+        args = [
+            *teacher_args,
+            *self.manifest_args(self.all_manifests()),
+            "--set",
+            f"squeeze.method={method}",
+        ]
         return self.submit("squeeze", label, section, inputs, args).result()
 
-    def hard_sharing(self, init_backbone: str | None = None, steps: int | None = None, label: str = "hard_sharing") -> dict:
+    def hard_sharing(
+        self,
+        init_backbone: str | None = None,
+        steps: int | None = None,
+        label: str = "hard_sharing",
+    ) -> dict:
         args = ["--task", "all", *self.manifest_args(self.all_manifests())]
         if init_backbone:
             args += ["--init-backbone", init_backbone]
         if steps:
             args += ["--steps", str(steps)]
-        section = self.training_section({"hard_sharing": self.cfg.reconcile.train.model_dump(mode="json"), "steps": steps,
-                                         "tasks": {t.value: self.cfg.train_config(t).model_dump(mode="json") for t in self.cfg.task_types}})
+        section = self.training_section(
+            {
+                "hard_sharing": self.cfg.reconcile.train.model_dump(mode="json"),
+                "steps": steps,
+                "tasks": {
+                    t.value: self.cfg.train_config(t).model_dump(mode="json")
+                    for t in self.cfg.task_types
+                },
+            }
+        )
         inputs = {"versions": self.versions, "init": init_backbone}
         return self.submit("expand", label, section, inputs, args).result()
 
     # variants --------------------------------------------------------------------------
     def variant(self, variant: Variant) -> dict[str, dict]:
-        """Train one variant; returns its rows: name -> {"backbone", "parameters", "train_images"}."""
+        """Train one variant; returns its rows: name -> {backbone, parameters, train_images}."""
         if variant == Variant.hard_sharing:
             return {"hard_sharing": self.hard_sharing()}
         if variant == Variant.single_task:
-            return {f"single_task:{s.name}": self.expand(s.resolved_tasks[0], s.name).result() for s in self.cfg.sources}
+            return {
+                f"single_task:{s.name}": self.expand(s.resolved_tasks[0], s.name).result()
+                for s in self.cfg.sources
+            }
         subs = self.expand_all()
         teacher = {"subs": {t: r["out"] for t, r in subs.items()}}
         if variant == Variant.squeeze_expansion:
-            sub_args = [arg for t, r in subs.items() for arg in ("--sub-model", f"{t}={r['model']}")]
+            sub_args = [
+                arg for t, r in subs.items() for arg in ("--sub-model", f"{t}={r['model']}")
+            ]
             squeezed = self.squeeze("squeeze-before-expansion", sub_args, teacher, "distill")
             steps = self.cfg.reconcile.train.steps
-            return {"squeeze_expansion": self.hard_sharing(squeezed["backbone"], steps, "expand-after-squeeze")}
+            return {
+                "squeeze_expansion": self.hard_sharing(
+                    squeezed["backbone"], steps, "expand-after-squeeze"
+                )
+            }
         mode = "none" if variant == Variant.no_reconciliation else self.cfg.reconcile.mode
         expanded = self.reconcile(subs, mode)
         teacher_args = ["--teacher", expanded["model"]]
         inputs = {"teacher": expanded["out"]}
         if variant == Variant.xlearner_pp:
-            hints = {s.name: self.expand(s.resolved_tasks[0], s.name).result() for s in self.cfg.sources}
-            teacher_args += [a for n, r in hints.items() for a in ("--hint", f"{n}={r['backbone']}")]
+            hints = {
+                s.name: self.expand(s.resolved_tasks[0], s.name).result() for s in self.cfg.sources
+            }
+            teacher_args += [
+                a for n, r in hints.items() for a in ("--hint", f"{n}={r['backbone']}")
+            ]
             inputs["hints"] = {n: r["out"] for n, r in hints.items()}
         method = "prune" if variant == Variant.prune else self.cfg.squeeze.method
         squeezed = self.squeeze(f"squeeze-{variant.value}", teacher_args, inputs, method)
@@ -227,12 +292,27 @@ class Plan:
     # transfer --------------------------------------------------------------------------
     def transfer(self, rows: dict[str, dict]) -> dict:
         args = [*[a for n, r in rows.items() for a in ("--backbone", f"{n}={r['backbone']}")]]
-        args += [a for n, r in rows.items() if r.get("train_images") for a in ("--train-images", f"{n}={r['train_images']}")]
-        args += [a for d in self.cfg.downstream for a in ("--downstream", f"{d.name}={self.manifests[d.name]}")]
-        section = {"transfer": self.cfg.transfer.model_dump(mode="json"), "model": self.cfg.model.model_dump(mode="json"),
-                   "engine": self.cfg.engine.model_dump(mode="json", exclude={"log_every_steps"}), "seed": self.cfg.seed}
-        inputs = {"rows": {n: r.get("out", r["backbone"]) for n, r in rows.items()},
-                  "downstream": {d.name: self.versions[d.name] for d in self.cfg.downstream}}
+        args += [
+            a
+            for n, r in rows.items()
+            if r.get("train_images")
+            for a in ("--train-images", f"{n}={r['train_images']}")
+        ]
+        args += [
+            a
+            for d in self.cfg.downstream
+            for a in ("--downstream", f"{d.name}={self.manifests[d.name]}")
+        ]
+        section = {
+            "transfer": self.cfg.transfer.model_dump(mode="json"),
+            "model": self.cfg.model.model_dump(mode="json"),
+            "engine": self.cfg.engine.model_dump(mode="json", exclude={"log_every_steps"}),
+            "seed": self.cfg.seed,
+        }
+        inputs = {
+            "rows": {n: r.get("out", r["backbone"]) for n, r in rows.items()},
+            "downstream": {d.name: self.versions[d.name] for d in self.cfg.downstream},
+        }
         return self.submit("transfer", "transfer", section, inputs, args).result()
 
 
@@ -258,17 +338,27 @@ def stage_env(cfg: PipelineConfig, parallel: int) -> dict[str, str]:
     return env
 
 
-def run_report_artifacts(ctx: PipelineContext, report: dict, registered: dict | None, mlflow_url: str | None) -> None:
+def run_report_artifacts(
+    ctx: PipelineContext, report: dict, registered: dict | None, mlflow_url: str | None
+) -> None:
     from xlearner.report import format_table
 
     links = [f"- Report: `{report.get('out', '')}`"]
     if mlflow_url:
         links.append(f"- MLflow run: [{ctx.parent_run_id}]({mlflow_url})")
     if registered:
-        links.append(f"- Registered model: `{registered['model_uri']}` (champion: {registered['champion']})")
-    body = f"# X-Learner transfer report: {ctx.cfg.name}\n\n{format_table(report['report'])}\n\n" + "\n".join(links)
-    create_markdown_artifact(key=f"xlearner-report-{ctx.cfg.name}".replace("_", "-"), markdown=body,
-                             description="Transfer table of this pipeline run")
+        links.append(
+            f"- Registered model: `{registered['model_uri']}` (champion: {registered['champion']})"
+        )
+    body = (
+        f"# X-Learner transfer report: {ctx.cfg.name}\n\n{format_table(report['report'])}\n\n"
+        + "\n".join(links)
+    )
+    create_markdown_artifact(
+        key=f"xlearner-report-{ctx.cfg.name}".replace("_", "-"),
+        markdown=body,
+        description="Transfer table of this pipeline run",
+    )
 
 
 def mlflow_run_url(parent_run_id: str | None) -> str | None:
@@ -292,13 +382,21 @@ def xlearner_pipeline(config: PipelineConfig) -> dict:
     store_uri = cfg.store.uri if "://" in cfg.store.uri else str(Path(cfg.store.uri).resolve())
     config_uri = publish_config(cfg, store_uri)
     parallel = min(4, len(cfg.task_types))
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or ""),
-            "xlearner.variant": cfg.variant.value, "xlearner.config_uri": config_uri}
-    with tracking.pipeline_run(cfg.tracking, cfg.name, cfg.model_dump(mode="json"), tags) as parent_run_id:
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        "xlearner.variant": cfg.variant.value,
+        "xlearner.config_uri": config_uri,
+    }
+    with tracking.pipeline_run(
+        cfg.tracking, cfg.name, cfg.model_dump(mode="json"), tags
+    ) as parent_run_id:
         ctx = PipelineContext(cfg, config_uri, parent_run_id, env=stage_env(cfg, parallel))
         ctx.progress_id = create_progress_artifact(progress=0.0, description="stages done")
         plan = Plan(ctx)
-        ctx.planned = 2 + len(cfg.sources) + len(cfg.downstream) + len(cfg.task_types) + 2 * len(cfg.compare)
+        ctx.planned = (
+            2 + len(cfg.sources) + len(cfg.downstream) + len(cfg.task_types) + 2 * len(cfg.compare)
+        )
         plan.ingest()
         import mlflow
 
@@ -311,7 +409,9 @@ def xlearner_pipeline(config: PipelineConfig) -> dict:
         report = transfer["report"]
         main_row = next(r for r in report["rows"] if r["name"] == _main_row(cfg))
         avg_cls = main_row.get("avg_cls") or 0.0
-        mlflow.log_metrics({"transfer/avg_cls": avg_cls, "pipeline/seconds": time.perf_counter() - t0})
+        mlflow.log_metrics(
+            {"transfer/avg_cls": avg_cls, "pipeline/seconds": time.perf_counter() - t0}
+        )
         mlflow.log_dict(report, "report/report.json")
         from xlearner.report import format_table
 
@@ -339,7 +439,11 @@ def xlearner_pipeline(config: PipelineConfig) -> dict:
 
 
 def _main_row(cfg: PipelineConfig) -> str:
-    return cfg.variant.value if cfg.variant != Variant.single_task else f"single_task:{cfg.sources[0].name}"
+    return (
+        cfg.variant.value
+        if cfg.variant != Variant.single_task
+        else f"single_task:{cfg.sources[0].name}"
+    )
 
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:

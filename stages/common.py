@@ -32,15 +32,22 @@ log = logging.getLogger("xlearner.stage")
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
     )
 
 
 def base_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"xlearner stage {stage}", description=description)
-    parser.add_argument("--config", required=True, help="pipeline config: local YAML/JSON file or s3:// URI")
+    parser.add_argument(
+        "--config", required=True, help="pipeline config: local YAML/JSON file or s3:// URI"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--mlflow-parent-run-id", default=None, help="log as a nested run of this MLflow run")
+    parser.add_argument(
+        "--mlflow-parent-run-id", default=None, help="log as a nested run of this MLflow run"
+    )
     return parser
 
 

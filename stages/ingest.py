@@ -12,7 +12,9 @@ from xlearner.store import open_store
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("ingest", __doc__)
-    parser.add_argument("--source", action="append", default=[], help="source name (default: all, downstream too)")
+    parser.add_argument(
+        "--source", action="append", default=[], help="source name (default: all, downstream too)"
+    )
     parser.add_argument("--store", default=None, help="store URI (default: the config's store.uri)")
     parser.add_argument("--out", default=None, metavar="URI", help="also publish result.json here")
     args = parser.parse_args(argv)

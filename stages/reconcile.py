@@ -35,17 +35,28 @@ def main(argv: list[str] | None = None) -> int:
         if done := already_done(out, "reconcile"):
             return done
         streams = load_streams(cfg, parse_pairs(args.manifest, "--manifest"))
-        paths = {task: fetch_dir(uri) for task, uri in parse_pairs(args.sub_model, "--sub-model").items()}
+        paths = {
+            task: fetch_dir(uri) for task, uri in parse_pairs(args.sub_model, "--sub-model").items()
+        }
         model = build_reconciled_model(cfg, streams, load_sub_models(paths), cfg.reconcile.mode)
         with tracking.stage_run(cfg.tracking, args.mlflow_parent_run_id, "reconcile") as tracker:
             tracker.log_params({"stage": "reconcile", "reconcile": cfg.reconcile.model_dump()})
             tracker.log_metrics({"gamma_parameters": float(model.trunk.num_gamma_parameters())})
             metrics, start = fit(
-                model, streams, cfg.reconcile.train, cfg, name="reconcile",
-                checkpointer=out.checkpointer(), on_metrics=tracker.log_metrics,
+                model,
+                streams,
+                cfg.reconcile.train,
+                cfg,
+                name="reconcile",
+                checkpointer=out.checkpointer(),
+                on_metrics=tracker.log_metrics,
             )
             tracker.log_metrics(tracking.flatten_metrics(metrics, "val"))
-            extra = {"train_images": count_images(streams), "resumed_from_step": start, "mode": cfg.reconcile.mode}
+            extra = {
+                "train_images": count_images(streams),
+                "resumed_from_step": start,
+                "mode": cfg.reconcile.mode,
+            }
             return publish_trained(out, cfg, model, metrics, extra)
 
     return run_stage("reconcile", body)

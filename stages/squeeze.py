@@ -30,9 +30,13 @@ from xlearner.train import build_reconciled_model, count_images, load_streams, l
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("squeeze", __doc__)
-    parser.add_argument("--teacher", default=None, metavar="URI", help="the expanded model (reconcile's output)")
+    parser.add_argument(
+        "--teacher", default=None, metavar="URI", help="the expanded model (reconcile's output)"
+    )
     parser.add_argument("--sub-model", action="append", default=[], metavar="TASK=URI")
-    parser.add_argument("--hint", action="append", default=[], metavar="NAME=URI", help="extra hint backbone")
+    parser.add_argument(
+        "--hint", action="append", default=[], metavar="NAME=URI", help="extra hint backbone"
+    )
     parser.add_argument("--manifest", action="append", default=[], metavar="SOURCE=URI")
     parser.add_argument("--out", required=True, metavar="URI")
     args = parser.parse_args(argv)
@@ -40,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> dict:
         cfg = load_config_uri(args.config, args.overrides)
         if bool(args.teacher) == bool(args.sub_model):
-            raise ValueError("give either --teacher (the expanded model) or --sub-model TASK=URI, not both/neither")
+            raise ValueError(
+                "give either --teacher (the expanded model) or --sub-model TASK=URI, "
+                "not both/neither"
+            )
         out = StageOutput(args.out)
         if done := already_done(out, "squeeze"):
             return done
@@ -48,28 +55,55 @@ def main(argv: list[str] | None = None) -> int:
         if args.teacher:
             teacher = load_model(fetch_dir(args.teacher))
         else:
-            paths = {task: fetch_dir(uri) for task, uri in parse_pairs(args.sub_model, "--sub-model").items()}
+            paths = {
+                task: fetch_dir(uri)
+                for task, uri in parse_pairs(args.sub_model, "--sub-model").items()
+            }
             teacher = build_reconciled_model(cfg, streams, load_sub_models(paths), "none")
-        hints = {name: load_backbone(fetch_dir(uri)) for name, uri in parse_pairs(args.hint, "--hint").items()}
+        hints = {
+            name: load_backbone(fetch_dir(uri))
+            for name, uri in parse_pairs(args.hint, "--hint").items()
+        }
         method = cfg.squeeze.method
         name = f"squeeze-{method}"
         common = dict(seed=cfg.seed, checkpointer=out.checkpointer(), name=name)
         with tracking.stage_run(cfg.tracking, args.mlflow_parent_run_id, name) as tracker:
-            tracker.log_params({"stage": name, "squeeze": cfg.squeeze.model_dump(), "student": cfg.student_backbone})
+            tracker.log_params(
+                {
+                    "stage": name,
+                    "squeeze": cfg.squeeze.model_dump(),
+                    "student": cfg.student_backbone,
+                }
+            )
             common["on_metrics"] = tracker.log_metrics
             if method == "distill":
                 backbone, report = distill(
-                    teacher, cfg.student_backbone, streams, cfg.squeeze, cfg.engine, hints=hints, **common
+                    teacher,
+                    cfg.student_backbone,
+                    streams,
+                    cfg.squeeze,
+                    cfg.engine,
+                    hints=hints,
+                    **common,
                 )
             else:
                 target = count_parameters(create_backbone(cfg.student_backbone))
-                backbone, report = prune(teacher, target, streams, cfg.squeeze, cfg.engine, **common)
-            tracker.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, int | float)})
+                backbone, report = prune(
+                    teacher, target, streams, cfg.squeeze, cfg.engine, **common
+                )
+            tracker.log_metrics(
+                {k: float(v) for k, v in report.items() if isinstance(v, int | float)}
+            )
             extra = {"method": method, "train_images": count_images(streams), "squeeze": report}
             if method == "distill":
-                return publish_trained(out, cfg, None, report.get("val", {}), extra, backbone=backbone)
+                return publish_trained(
+                    out, cfg, None, report.get("val", {}), extra, backbone=backbone
+                )
             spec = save_pruned_backbone(backbone, out.work / "backbone")
-            extra |= {"backbone": out.publish_dir(out.work / "backbone"), "parameters": spec["num_parameters"]}
+            extra |= {
+                "backbone": out.publish_dir(out.work / "backbone"),
+                "parameters": spec["num_parameters"],
+            }
             return publish_trained(out, cfg, None, report.get("val", {}), extra)
 
     return run_stage("squeeze", body)

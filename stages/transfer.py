@@ -11,7 +11,15 @@ import sys
 
 import torch
 
-from stages.common import StageOutput, already_done, base_parser, fetch_dir, load_config_uri, parse_pairs, run_stage
+from stages.common import (
+    StageOutput,
+    already_done,
+    base_parser,
+    fetch_dir,
+    load_config_uri,
+    parse_pairs,
+    run_stage,
+)
 from xlearner import tracking
 from xlearner.data.shards import ShardDataset, collate_fn
 from xlearner.engine import resolve_device
@@ -35,14 +43,23 @@ def probe_top1(backbone, manifest_uri: str, name: str, cfg, device) -> float:
     loaders = []
     for split in ("train", "val"):
         ds = ShardDataset(manifest_uri, split, cfg.model.image_size)
-        loaders.append(torch.utils.data.DataLoader(ds, batch_size=128, collate_fn=collate_fn("cls")))
+        loaders.append(
+            torch.utils.data.DataLoader(ds, batch_size=128, collate_fn=collate_fn("cls"))
+        )
         num_classes = ds.num_classes
     train_x, train_y = extract_features(backbone, loaders[0], device)
     val_x, val_y = extract_features(backbone, loaders[1], device)
     try:
         result = fit_linear_probe(
-            train_x, train_y, val_x, val_y, num_classes=num_classes, l2_grid=cfg.transfer.probe_l2,
-            max_iter=cfg.transfer.probe_max_iter, seed=cfg.seed, device=device,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            num_classes=num_classes,
+            l2_grid=cfg.transfer.probe_l2,
+            max_iter=cfg.transfer.probe_max_iter,
+            seed=cfg.seed,
+            device=device,
         )
     except UnseenClassesError as err:
         raise ValueError(f"downstream source {name!r} ({manifest_uri}): {err}") from None
@@ -51,7 +68,9 @@ def probe_top1(backbone, manifest_uri: str, name: str, cfg, device) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("transfer", __doc__)
-    parser.add_argument("--backbone", action="append", default=[], metavar="NAME=URI", help="or NAME=random:ARCH")
+    parser.add_argument(
+        "--backbone", action="append", default=[], metavar="NAME=URI", help="or NAME=random:ARCH"
+    )
     parser.add_argument("--train-images", action="append", default=[], metavar="NAME=N")
     parser.add_argument("--downstream", action="append", default=[], metavar="NAME=MANIFEST_URI")
     parser.add_argument("--out", required=True, metavar="URI")
@@ -68,24 +87,36 @@ def main(argv: list[str] | None = None) -> int:
         formats = {d.name: d.format.value for d in cfg.downstream}
         unknown = sorted(set(downstream) - set(formats))
         if unknown:
-            raise ValueError(f"--downstream {unknown}: not in the config's downstream list {sorted(formats)}")
+            raise ValueError(
+                f"--downstream {unknown}: not in the config's downstream list {sorted(formats)}"
+            )
         device = resolve_device(cfg.engine)
         opened = {name: open_backbone(uri, cfg.seed).to(device) for name, uri in backbones.items()}
         rows = []
         with tracking.stage_run(cfg.tracking, args.mlflow_parent_run_id, "transfer") as tracker:
             for name, backbone in opened.items():
-                row = {"name": name, "cls": {}, "det": {}, "seg": {}, "parameters": count_parameters(backbone),
-                       "train_images": images.get(name)}
+                row = {
+                    "name": name,
+                    "cls": {},
+                    "det": {},
+                    "seg": {},
+                    "parameters": count_parameters(backbone),
+                    "train_images": images.get(name),
+                }
                 for ds_name, manifest in downstream.items():
                     fmt = formats[ds_name]
                     if fmt == "cls":
                         row["cls"][ds_name] = probe_top1(backbone, manifest, ds_name, cfg, device)
                     else:
-                        row[fmt][ds_name] = finetune_score(backbone, manifest, fmt, cfg, f"{name}-{ds_name}")
+                        row[fmt][ds_name] = finetune_score(
+                            backbone, manifest, fmt, cfg, f"{name}-{ds_name}"
+                        )
                 rows.append(row)
             report = build_report(rows)
             for row in report["rows"]:
-                metrics = {f"transfer/{row['name']}/{k}": v for k, v in row.items() if isinstance(v, float)}
+                metrics = {
+                    f"transfer/{row['name']}/{k}": v for k, v in row.items() if isinstance(v, float)
+                }
                 tracker.log_metrics(metrics)
             paths = write_report(report, out.work / "report")
             for path in paths.values():

@@ -18,14 +18,24 @@ def tiny_config_dict(
     downstream: tuple[str, ...] = ("down_cls_a", "down_seg"),
     **overrides: Any,
 ) -> dict:
-    formats = {"shapes_cls": "cls", "shapes_attr": "multilabel", "shapes_det": "det", "shapes_seg": "seg",
-               "shapes_unlabeled": "unlabeled", "down_cls_a": "cls", "down_cls_b": "cls", "down_det": "det",
-               "down_seg": "seg"}
+    formats = {
+        "shapes_cls": "cls",
+        "shapes_attr": "multilabel",
+        "shapes_det": "det",
+        "shapes_seg": "seg",
+        "shapes_unlabeled": "unlabeled",
+        "down_cls_a": "cls",
+        "down_cls_b": "cls",
+        "down_det": "det",
+        "down_seg": "seg",
+    }
     data = {
         "name": "tiny",
         "variant": "xlearner",
         "sources": [{"name": n, "format": formats[n], "uri": f"{data_root}/{n}"} for n in sources],
-        "downstream": [{"name": n, "format": formats[n], "uri": f"{data_root}/{n}"} for n in downstream],
+        "downstream": [
+            {"name": n, "format": formats[n], "uri": f"{data_root}/{n}"} for n in downstream
+        ],
         "model": {"backbone": "tiny_resnet", "image_size": 32},
         "tasks": {},
         "reconcile": {"train": TINY_TRAIN},
@@ -41,5 +51,9 @@ def tiny_config_dict(
     return data
 
 
-def tiny_config(data_root: str, store_uri: str, tracking_uri: str | None = None, **kw: Any) -> PipelineConfig:
-    return validate_config(tiny_config_dict(data_root, store_uri, tracking_uri, **kw), origin="tiny_config")
+def tiny_config(
+    data_root: str, store_uri: str, tracking_uri: str | None = None, **kw: Any
+) -> PipelineConfig:
+    return validate_config(
+        tiny_config_dict(data_root, store_uri, tracking_uri, **kw), origin="tiny_config"
+    )

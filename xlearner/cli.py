@@ -16,17 +16,27 @@ import typer
 
 from xlearner.config import ConfigError, load_config
 
-app = typer.Typer(help="X-Learner: one universal visual backbone from many labelled sources.", no_args_is_help=True)
+app = typer.Typer(
+    help="X-Learner: one universal visual backbone from many labelled sources.",
+    no_args_is_help=True,
+)
 data_app = typer.Typer(help="Data sources.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local service stack (SeaweedFS S3, MLflow, Prefect) without Docker.", no_args_is_help=True)
-sources_app = typer.Typer(help="Register sources with a running pipeline deployment.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The local service stack (SeaweedFS S3, MLflow, Prefect) without Docker.",
+    no_args_is_help=True,
+)
+sources_app = typer.Typer(
+    help="Register sources with a running pipeline deployment.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(stack_app, name="stack")
 app.add_typer(sources_app, name="sources")
 
 STAGES = ("ingest", "expand", "reconcile", "squeeze", "transfer")
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline config YAML")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
+]
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -60,9 +70,15 @@ def show_config(config: ConfigOpt, set_: SetOpt = None) -> None:
 
 @app.command(
     "stage",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
 )
-def stage(ctx: typer.Context, name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}")]) -> None:
+def stage(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}")]
+) -> None:
     """Run one pipeline stage (what a container runs): ``xlearner stage expand --help``."""
     if name not in STAGES:
         typer.echo(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
@@ -81,13 +97,17 @@ def synth(
     """Write synthetic sources in the real on-disk formats (image folders, COCO, masks)."""
     from xlearner.data.synth import synthesize
 
-    for name, path in synthesize(out, seed=seed, images_per_source=images_per_source, image_size=image_size).items():
+    for name, path in synthesize(
+        out, seed=seed, images_per_source=images_per_source, image_size=image_size
+    ).items():
         typer.echo(f"{name}: {path}")
 
 
 @stack_app.command("up")
 def stack_up(
-    workdir: Annotated[Path, typer.Option(help="where the services keep their data")] = Path(".xlearner/stack"),
+    workdir: Annotated[Path, typer.Option(help="where the services keep their data")] = Path(
+        ".xlearner/stack"
+    ),
 ) -> None:
     """Start SeaweedFS, MLflow and Prefect on loopback ports; writes ``<workdir>/stack.env``."""
     from flows.stack import stack_up as up

@@ -79,7 +79,9 @@ class SourceConfig(StrictModel):
         label_task = LABEL_TASK_OF_FORMAT.get(self.format)
         for task in tasks:
             if task not in SELF_SUPERVISED and task != label_task:
-                allowed = sorted({*(t.value for t in SELF_SUPERVISED), *([label_task] if label_task else [])})
+                allowed = sorted(
+                    {*(t.value for t in SELF_SUPERVISED), *([label_task] if label_task else [])}
+                )
                 raise ValueError(
                     f"source {self.name!r} has format {self.format.value!r} and cannot feed task "
                     f"{task.value!r}; allowed: {allowed}"
@@ -176,7 +178,9 @@ class ReconcileConfig(StrictModel):
 
 class SqueezeConfig(StrictModel):
     method: Literal["distill", "prune"] = "distill"
-    student: str | None = Field(default=None, description="Student backbone; default: model.backbone")
+    student: str | None = Field(
+        default=None, description="Student backbone; default: model.backbone"
+    )
     levels: list[int] = Field(default=[4], description="Feature levels matched (1..4 = C2..C5)")
     task_loss_weight: float = Field(default=0.0, ge=0)
     train: TrainConfig = TrainConfig(steps=200)
@@ -413,6 +417,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: top level must be a mapping, got {type(data).__name__}"
+        )
     data = apply_overrides(data, overrides or [])
     return validate_config(data, origin=str(path))

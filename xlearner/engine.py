@@ -120,7 +120,9 @@ def resolve_device(engine: EngineConfig) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     if engine.device == "cuda" or (engine.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("engine.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+            raise RuntimeError(
+                "engine.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+            )
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -144,7 +146,11 @@ class Precision:
 def move_to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(obj, torch.Tensor):
         obj = obj.to(device, non_blocking=True)
-        return obj.contiguous(memory_format=torch.channels_last) if channels_last and obj.dim() == 4 else obj
+        return (
+            obj.contiguous(memory_format=torch.channels_last)
+            if channels_last and obj.dim() == 4
+            else obj
+        )
     if isinstance(obj, dict):
         return {k: move_to(v, device) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -155,7 +161,9 @@ def move_to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -185,15 +193,27 @@ class Checkpointer:
         self.store.write_bytes(join(folder, "model.safetensors"), save_safetensors(weights))
         buf = io.BytesIO()
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
             buf,
         )
         self.store.write_bytes(join(folder, "trainer_state.pt"), buf.getvalue())
-        self.store.write_json(join(self.prefix, "latest.json"), {"step": step, "folder": folder, **extra})
+        self.store.write_json(
+            join(self.prefix, "latest.json"), {"step": step, "folder": folder, **extra}
+        )
         self._prune(step)
 
     def _prune(self, step: int) -> None:
-        steps = sorted({int(k.split("step-")[1].split("/")[0]) for k in self.store.list(self.prefix) if "step-" in k})
+        steps = sorted(
+            {
+                int(k.split("step-")[1].split("/")[0])
+                for k in self.store.list(self.prefix)
+                if "step-" in k
+            }
+        )
         for old in steps[: -self.keep]:
             self.store.delete_prefix(join(self.prefix, f"step-{old:08d}"))
 
@@ -211,10 +231,13 @@ class Checkpointer:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(
-                f"checkpoint {self.store.uri(folder)} does not match the model: missing {missing[:5]}, "
+                f"checkpoint {self.store.uri(folder)} does not match the model: "
+                f"missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}; delete it or rerun with the config that wrote it"
             )
-        trainer = torch.load(io.BytesIO(self.store.read_bytes(join(folder, "trainer_state.pt"))), weights_only=True)
+        trainer = torch.load(
+            io.BytesIO(self.store.read_bytes(join(folder, "trainer_state.pt"))), weights_only=True
+        )
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
@@ -241,7 +264,9 @@ class Progress:
         rate = self.images / max(elapsed, 1e-9)
         eta = elapsed / max(done, 1) * (self.total - step)
         loss_text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-        log.info(f"[{self.name}] step {step}/{self.total} {loss_text} {rate:.1f} img/s eta {eta:.0f}s")
+        log.info(
+            f"[{self.name}] step {step}/{self.total} {loss_text} {rate:.1f} img/s eta {eta:.0f}s"
+        )
 
 
 class Trainer:
@@ -278,7 +303,8 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if distributed.is_distributed():
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
         if self.engine.compile:
@@ -300,7 +326,11 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``cfg.steps``, resuming from the newest checkpoint; returns the start step."""
         seed_everything(self.seed)
-        start = self.checkpointer.load(self.model, self.optimizer, self.scheduler) if self.checkpointer else 0
+        start = (
+            self.checkpointer.load(self.model, self.optimizer, self.scheduler)
+            if self.checkpointer
+            else 0
+        )
         if start:
             log.info(f"[{self.name}] resuming from checkpoint at step {start}/{self.cfg.steps}")
         if start >= self.cfg.steps:
@@ -312,7 +342,9 @@ class Trainer:
             for stream in schedule(micro_step):
                 consumed[stream.name] += 1
         loaders = {
-            s.name: _loader(s, self.cfg.batch_size, self.seed, consumed[s.name], self.engine.num_workers)
+            s.name: _loader(
+                s, self.cfg.batch_size, self.seed, consumed[s.name], self.engine.num_workers
+            )
             for s in self.streams
         }
         progress = Progress(self.cfg.steps, self.engine.log_every_steps, self.name, start)
@@ -320,12 +352,22 @@ class Trainer:
         for step in range(start + 1, self.cfg.steps + 1):
             losses, images = self._step(step, loaders, schedule, micro)
             progress.update(step, images, losses)
-            if self.on_metrics and (step % self.engine.log_every_steps == 0 or step == self.cfg.steps):
-                self.on_metrics({f"train/{k}": v for k, v in losses.items()} | {"lr": self.scheduler.get_last_lr()[0]}, step)
-            if self.checkpointer and distributed.rank() == 0 and (
-                step % self.engine.checkpoint_every_steps == 0 or step == self.cfg.steps
+            if self.on_metrics and (
+                step % self.engine.log_every_steps == 0 or step == self.cfg.steps
             ):
-                self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, {"name": self.name})
+                self.on_metrics(
+                    {f"train/{k}": v for k, v in losses.items()}
+                    | {"lr": self.scheduler.get_last_lr()[0]},
+                    step,
+                )
+            if (
+                self.checkpointer
+                and distributed.rank() == 0
+                and (step % self.engine.checkpoint_every_steps == 0 or step == self.cfg.steps)
+            ):
+                self.checkpointer.save(
+                    step, self.model, self.optimizer, self.scheduler, {"name": self.name}
+                )
         return start
 
     def _step(self, step: int, loaders: dict, schedule, micro: int) -> tuple[dict[str, float], int]:
@@ -343,12 +385,16 @@ class Trainer:
                     parts = self.forward(images, stream.name, targets)
                 stream_loss = sum(parts.values())
                 loss = loss + stream.weight * stream_loss.float()
-                totals[f"{stream.name}/loss"] = totals.get(f"{stream.name}/loss", 0.0) + float(stream_loss.detach()) / micro
+                totals[f"{stream.name}/loss"] = (
+                    totals.get(f"{stream.name}/loss", 0.0) + float(stream_loss.detach()) / micro
+                )
                 images_in_step += images.shape[0]
             (loss / micro).backward()
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / micro
         if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(f"[{self.name}] loss is {totals['loss']} at step {step}; lower the learning rate")
+            raise FloatingPointError(
+                f"[{self.name}] loss is {totals['loss']} at step {step}; lower the learning rate"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.images_seen += images_in_step * distributed.world_size()
@@ -356,7 +402,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, streams: list[Stream], engine_cfg: EngineConfig, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: nn.Module, streams: list[Stream], engine_cfg: EngineConfig, batch_size: int = 64
+) -> dict[str, dict[str, float]]:
     """Validation metrics per stream (``model.metric(stream)`` and ``model.predict``).
 
     Self-supervised streams have no predictions to score: their metric is the mean loss.
@@ -372,7 +420,9 @@ def evaluate(model: nn.Module, streams: list[Stream], engine_cfg: EngineConfig, 
             continue
         n = min(len(stream.val), engine_cfg.eval_max_images)  # type: ignore[arg-type]
         loader = DataLoader(
-            torch.utils.data.Subset(stream.val, range(n)), batch_size=batch_size, collate_fn=stream.collate
+            torch.utils.data.Subset(stream.val, range(n)),
+            batch_size=batch_size,
+            collate_fn=stream.collate,
         )
         metric = model.metric(stream.name)
         for images, targets in loader:

@@ -21,7 +21,9 @@ from xlearner.models.multitask import MultiTaskModel, stream_name
 PRIMARY = {"det": "mAP", "seg": "mIoU"}
 
 
-def finetune_score(backbone: nn.Module, manifest_uri: str, task: str, cfg: PipelineConfig, name: str) -> float:
+def finetune_score(
+    backbone: nn.Module, manifest_uri: str, task: str, cfg: PipelineConfig, name: str
+) -> float:
     """Fine-tune a copy of ``backbone`` with a new ``task`` head; returns the val metric in %."""
     train = ShardDataset(manifest_uri, "train", cfg.model.image_size, train=True)
     val = ShardDataset(manifest_uri, "val", cfg.model.image_size)
@@ -29,9 +31,14 @@ def finetune_score(backbone: nn.Module, manifest_uri: str, task: str, cfg: Pipel
     torch.manual_seed(cfg.seed)
     trunk = copy.deepcopy(backbone)
     head = create_head(task, tuple(trunk.channels), train.num_classes, cfg.model.image_size)
-    spec = {"trunk": {"kind": "given"}, "streams": {stream.name: {"task": task, "num_classes": train.num_classes}},
-            "image_size": cfg.model.image_size}
+    spec = {
+        "trunk": {"kind": "given"},
+        "streams": {stream.name: {"task": task, "num_classes": train.num_classes}},
+        "image_size": cfg.model.image_size,
+    }
     model = MultiTaskModel(trunk, {stream.name: head}, spec)
-    Trainer(model, [stream], cfg.transfer.finetune, cfg.engine, seed=cfg.seed, name=f"finetune-{name}").fit()
+    Trainer(
+        model, [stream], cfg.transfer.finetune, cfg.engine, seed=cfg.seed, name=f"finetune-{name}"
+    ).fit()
     metrics = evaluate(model, [stream], cfg.engine)[stream.name]
     return 100.0 * metrics[PRIMARY[task]]

@@ -94,7 +94,9 @@ class ArtifactStore(ABC):
     def write_json(self, key: str, value: Any) -> str:
         return self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())
 
-    def local_copy(self, key: str, cache_dir: str | Path | None = None, sha256: str | None = None) -> Path:
+    def local_copy(
+        self, key: str, cache_dir: str | Path | None = None, sha256: str | None = None
+    ) -> Path:
         """A local path with the artifact's bytes, cached by content hash when known."""
         cache = Path(cache_dir or default_cache_dir())
         name = sha256 or hashlib.sha256(self.uri(key).encode()).hexdigest()
@@ -106,7 +108,9 @@ class ArtifactStore(ABC):
         self.download_file(key, tmp)
         if sha256 and (actual := sha256_file(tmp)) != sha256:
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"{self.uri(key)}: sha256 {actual} does not match the manifest's {sha256}")
+            raise StoreError(
+                f"{self.uri(key)}: sha256 {actual} does not match the manifest's {sha256}"
+            )
         os.replace(tmp, target)
         return target
 
@@ -186,17 +190,23 @@ class S3Store(ArtifactStore):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
+        self.endpoint_url = (
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
         )
         self.root_uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+            ),
         )
-        self.transfer = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
+        self.transfer = TransferConfig(
+            multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024
+        )
 
     def _key(self, key: str) -> str:
         return join(self.prefix, key)
@@ -206,7 +216,9 @@ class S3Store(ArtifactStore):
 
         uri = self.uri(key)
         if isinstance(err, NoCredentialsError):
-            return StoreError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+            return StoreError(
+                f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
         if isinstance(err, ClientError):
             code = err.response.get("Error", {}).get("Code", "")
             if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}:
@@ -299,8 +311,13 @@ class S3Store(ArtifactStore):
         full = self._key(prefix)
         out = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                out.extend([obj["Key"], obj["Size"], obj.get("ETag", "")] for obj in page.get("Contents", []))
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            ):
+                out.extend(
+                    [obj["Key"], obj["Size"], obj.get("ETag", "")]
+                    for obj in page.get("Contents", [])
+                )
         except Exception as err:  # noqa: BLE001
             raise self._error(err, prefix) from None
         return sorted(out)

@@ -45,7 +45,9 @@ def configure(cfg: TrackingConfig) -> str:
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = None
         if uri.startswith("sqlite:///"):  # embedded default: artifacts in a folder beside the db
-            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            artifacts = (
+                (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            )
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     mlflow.set_experiment(cfg.experiment)
     return uri
@@ -123,23 +125,31 @@ def stage_run(
 
     os.environ.pop("MLFLOW_RUN_ID", None)  # an exported run id would override parent_run_id
     configure(cfg)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags={"xlearner.stage": stage, **(tags or {})}) as run:
+    with mlflow.start_run(
+        run_name=stage, parent_run_id=parent_run_id, tags={"xlearner.stage": stage, **(tags or {})}
+    ) as run:
         yield StageTracker(run.info.run_id)
 
 
 def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     """``{"src:cls": {"top1": 90}}`` -> ``{"val/src:cls/top1": 90}``."""
-    return {f"{prefix}/{stream}/{k}": v for stream, values in metrics.items() for k, v in values.items()}
+    return {
+        f"{prefix}/{stream}/{k}": v for stream, values in metrics.items() for k, v in values.items()
+    }
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: TrackingConfig, name: str, params: dict, tags: dict[str, str]) -> Iterator[str]:
+def pipeline_run(
+    cfg: TrackingConfig, name: str, params: dict, tags: dict[str, str]
+) -> Iterator[str]:
     """The parent MLflow run of one pipeline run; yields its id for the stages."""
     import mlflow
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     configure(cfg)
-    with mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if not is_secret_key(k)}) as run:
+    with mlflow.start_run(
+        run_name=name, tags={k: v for k, v in tags.items() if not is_secret_key(k)}
+    ) as run:
         flat = {metric_key(k): v for k, v in flatten(params).items()}
         items = sorted(flat.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch

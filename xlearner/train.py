@@ -33,7 +33,10 @@ class TrainingInputError(ValueError):
 
 
 def load_streams(
-    cfg: PipelineConfig, manifests: dict[str, str], tasks: list[TaskType] | None = None, only_source: str | None = None
+    cfg: PipelineConfig,
+    manifests: dict[str, str],
+    tasks: list[TaskType] | None = None,
+    only_source: str | None = None,
 ) -> list[Stream]:
     """One stream per (source, task) for the given tasks (all of the config's when None)."""
     wanted = tasks or cfg.task_types
@@ -48,7 +51,8 @@ def load_streams(
                 continue
             if source.name not in manifests:
                 raise TrainingInputError(
-                    f"source {source.name!r} feeds task {task.value!r} but no manifest was given for it; "
+                    f"source {source.name!r} feeds task {task.value!r} "
+                    "but no manifest was given for it; "
                     f"pass --manifest {source.name}=<manifest uri> (got: {sorted(manifests)})"
                 )
             uri = manifests[source.name]
@@ -63,7 +67,9 @@ def load_streams(
                 )
             )
     if not streams:
-        raise TrainingInputError(f"no source feeds the tasks {[t.value for t in wanted]}; check `sources` in the config")
+        raise TrainingInputError(
+            f"no source feeds the tasks {[t.value for t in wanted]}; check `sources` in the config"
+        )
     return streams
 
 
@@ -90,7 +96,14 @@ def fit(
     on_metrics: MetricsCallback | None,
 ) -> tuple[dict[str, dict[str, float]], int]:
     trainer = Trainer(
-        model, streams, train_cfg, cfg.engine, seed=cfg.seed, name=name, checkpointer=checkpointer, on_metrics=on_metrics
+        model,
+        streams,
+        train_cfg,
+        cfg.engine,
+        seed=cfg.seed,
+        name=name,
+        checkpointer=checkpointer,
+        on_metrics=on_metrics,
     )
     start_step = trainer.fit()
     metrics = evaluate(trainer.model, streams, cfg.engine)
@@ -105,7 +118,9 @@ def init_trunk_from_backbone(model: MultiTaskModel, backbone_path: str | Path) -
     model.trunk.load_state_dict(source.state_dict())
 
 
-def build_single_trunk_model(cfg: PipelineConfig, streams: list[Stream], architecture: str | None = None) -> MultiTaskModel:
+def build_single_trunk_model(
+    cfg: PipelineConfig, streams: list[Stream], architecture: str | None = None
+) -> MultiTaskModel:
     torch.manual_seed(cfg.seed)
     return build_model(
         {
@@ -122,7 +137,9 @@ def build_reconciled_model(
     """The expanded model: every task's trained sub-backbone and heads, joined by gammas."""
     missing = sorted({s.task for s in streams} - set(sub_models))
     if missing:
-        raise TrainingInputError(f"no trained sub-backbone for tasks {missing}; pass --sub-model TASK=<uri>")
+        raise TrainingInputError(
+            f"no trained sub-backbone for tasks {missing}; pass --sub-model TASK=<uri>"
+        )
     architectures = {task: m.spec["trunk"]["architecture"] for task, m in sub_models.items()}
     torch.manual_seed(cfg.seed)
     spec = {

@@ -31,7 +31,11 @@ def test_quickstart_loads_with_one_sub_backbone_per_task():
 def test_overrides_reach_nested_fields_and_list_items_by_name(tmp_path):
     cfg = load_config(
         QUICKSTART,
-        ["squeeze.method=prune", "reconcile.receive_stages=[1,2]", "sources.shapes_cls.val_fraction=0.3"],
+        [
+            "squeeze.method=prune",
+            "reconcile.receive_stages=[1,2]",
+            "sources.shapes_cls.val_fraction=0.3",
+        ],
     )
     assert cfg.squeeze.method == "prune"
     assert cfg.reconcile.receive_stages == [1, 2]
@@ -58,7 +62,9 @@ def test_invalid_field_names_its_path_and_what_is_allowed(override, field, hint)
 def test_task_with_hyper_parameters_but_no_source_is_rejected(tmp_path):
     data = base()
     data["tasks"]["mim"] = {"steps": 5}
-    with pytest.raises(ConfigError, match=r"\['mim'\] have hyper-parameters but no source feeds them"):
+    with pytest.raises(
+        ConfigError, match=r"\['mim'\] have hyper-parameters but no source feeds them"
+    ):
         load_config(write(tmp_path, data))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from stages import squeeze, transfer
@@ -27,13 +26,17 @@ def test_transfer_refuses_a_folder_that_is_not_a_backbone(tmp_path, synth_data, 
     fake = tmp_path / "not_a_backbone"
     fake.mkdir()
     (fake / "weights.bin").write_bytes(b"\x00" * 16)
-    code = transfer.main(["--config", str(config), "--backbone", f"x={fake}", "--out", str(tmp_path / "out")])
+    code = transfer.main(
+        ["--config", str(config), "--backbone", f"x={fake}", "--out", str(tmp_path / "out")]
+    )
     out = capsys.readouterr().out
     assert code == 2
     assert str(fake) in out and "not a backbone" in out
 
 
-def test_transfer_names_a_downstream_source_whose_val_classes_are_missing_from_train(tmp_path, synth_data, capsys):
+def test_transfer_names_a_downstream_source_whose_val_classes_are_missing_from_train(
+    tmp_path, synth_data, capsys
+):
     source = tmp_path / "skewed"
     shutil.copytree(synth_data.paths["down_cls_a"], source)
     rare = source / "rare"
@@ -42,7 +45,11 @@ def test_transfer_names_a_downstream_source_whose_val_classes_are_missing_from_t
     if classes.exists():
         classes.write_text(classes.read_text().rstrip("\n") + "\nrare\n")
     example = next((source / "circle").iterdir())
-    names = [f"r{i}{example.suffix}" for i in range(200) if split_of(f"rare/r{i}{example.suffix}", 0.3, 0) == "val"]
+    names = [
+        f"r{i}{example.suffix}"
+        for i in range(200)
+        if split_of(f"rare/r{i}{example.suffix}", 0.3, 0) == "val"
+    ]
     for name in names[:3]:  # every "rare" image lands in val: train never sees the class
         shutil.copy(example, rare / name)
     data = tiny_config_dict(str(synth_data.root), str(tmp_path / "store"))
@@ -52,8 +59,18 @@ def test_transfer_names_a_downstream_source_whose_val_classes_are_missing_from_t
     store = LocalStore(tmp_path / "store")
     manifest = ingest_source(cfg.downstream[0], store, image_size=32)
     uri = store.uri(f"sources/skewed/{manifest['version']}/manifest.json")
-    code = transfer.main(["--config", str(config), "--backbone", "r=random:tiny_resnet",
-                          "--downstream", f"skewed={uri}", "--out", str(tmp_path / "out")])
+    code = transfer.main(
+        [
+            "--config",
+            str(config),
+            "--backbone",
+            "r=random:tiny_resnet",
+            "--downstream",
+            f"skewed={uri}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 2
     assert "downstream source 'skewed'" in out and "no train examples" in out
@@ -67,11 +84,26 @@ def test_squeeze_refuses_a_student_larger_than_the_teacher(tmp_path, synth_data,
     store = LocalStore(tmp_path / "store")
     manifest = ingest_source(cfg.sources[0], store, image_size=32)
     uri = store.uri(f"sources/shapes_cls/{manifest['version']}/manifest.json")
-    teacher = build_model({"trunk": backbone_trunk_spec("tiny_resnet"),
-                           "streams": {"shapes_cls:cls": {"task": "cls", "num_classes": 4}}, "image_size": 32})
+    teacher = build_model(
+        {
+            "trunk": backbone_trunk_spec("tiny_resnet"),
+            "streams": {"shapes_cls:cls": {"task": "cls", "num_classes": 4}},
+            "image_size": 32,
+        }
+    )
     save_model(teacher, tmp_path / "teacher")
-    code = squeeze.main(["--config", str(config), "--teacher", str(tmp_path / "teacher"),
-                         "--manifest", f"shapes_cls={uri}", "--out", str(tmp_path / "out")])
+    code = squeeze.main(
+        [
+            "--config",
+            str(config),
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--manifest",
+            f"shapes_cls={uri}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 2
     assert "squeeze target resnet50" in out and "larger than the teacher" in out

@@ -30,7 +30,9 @@ class Blobs(Dataset):
 
 
 def collate(items):
-    return torch.stack([x for x, _ in items]), {"label": torch.stack([t["label"] for _, t in items])}
+    return torch.stack([x for x, _ in items]), {
+        "label": torch.stack([t["label"] for _, t in items])
+    }
 
 
 class LinearModel(nn.Module):
@@ -48,7 +50,10 @@ class LinearModel(nn.Module):
 
 
 def streams(n: int = 64) -> list[Stream]:
-    return [Stream("blobs:cls", "cls", Blobs(n), None, collate), Stream("more:cls", "cls", Blobs(2 * n, 1), None, collate)]
+    return [
+        Stream("blobs:cls", "cls", Blobs(n), None, collate),
+        Stream("more:cls", "cls", Blobs(2 * n, 1), None, collate),
+    ]
 
 
 def weights(model: nn.Module) -> torch.Tensor:
@@ -79,11 +84,20 @@ def test_resumed_training_ends_exactly_where_uninterrupted_training_does(tmp_pat
 
     store = LocalStore(tmp_path)
     with pytest.raises(Killed):
-        Trainer(LinearModel(), streams(), cfg, ENGINE, seed=1, checkpointer=Checkpointer(store, "ck"),
-                on_metrics=kill_after_step_4).fit()
+        Trainer(
+            LinearModel(),
+            streams(),
+            cfg,
+            ENGINE,
+            seed=1,
+            checkpointer=Checkpointer(store, "ck"),
+            on_metrics=kill_after_step_4,
+        ).fit()
     # A restarted process rebuilds the model from scratch and finds the checkpoint.
     resumed = LinearModel()
-    trainer = Trainer(resumed, streams(), cfg, ENGINE, seed=1, checkpointer=Checkpointer(store, "ck"))
+    trainer = Trainer(
+        resumed, streams(), cfg, ENGINE, seed=1, checkpointer=Checkpointer(store, "ck")
+    )
     assert trainer.fit() == 3
     assert torch.equal(weights(resumed), weights(straight))
     assert Checkpointer(store, "ck").latest()["step"] == 6
@@ -91,16 +105,27 @@ def test_resumed_training_ends_exactly_where_uninterrupted_training_does(tmp_pat
 
 def test_gradient_accumulation_matches_the_large_batch():
     large, accumulated = LinearModel(), LinearModel()
-    Trainer(large, streams()[:1], TrainConfig(steps=4, batch_size=8, optimizer="sgd", lr=0.1, warmup_steps=0),
-            ENGINE).fit()
-    Trainer(accumulated, streams()[:1],
-            TrainConfig(steps=4, batch_size=4, grad_accum_steps=2, optimizer="sgd", lr=0.1, warmup_steps=0),
-            ENGINE).fit()
+    Trainer(
+        large,
+        streams()[:1],
+        TrainConfig(steps=4, batch_size=8, optimizer="sgd", lr=0.1, warmup_steps=0),
+        ENGINE,
+    ).fit()
+    Trainer(
+        accumulated,
+        streams()[:1],
+        TrainConfig(
+            steps=4, batch_size=4, grad_accum_steps=2, optimizer="sgd", lr=0.1, warmup_steps=0
+        ),
+        ENGINE,
+    ).fit()
     assert torch.allclose(weights(large), weights(accumulated), atol=1e-6)
 
 
 def test_proportional_sampling_draws_streams_by_size():
-    trainer = Trainer(LinearModel(), streams(32), TrainConfig(steps=1, sampling="proportional"), ENGINE)
+    trainer = Trainer(
+        LinearModel(), streams(32), TrainConfig(steps=1, sampling="proportional"), ENGINE
+    )
     schedule = trainer._stream_schedule()
     picks = [schedule(step)[0].name for step in range(600)]
     share = picks.count("more:cls") / len(picks)
@@ -109,8 +134,13 @@ def test_proportional_sampling_draws_streams_by_size():
 
 def test_checkpoint_of_another_model_is_refused_clearly(tmp_path):
     store = LocalStore(tmp_path)
-    Trainer(LinearModel(), streams(), TrainConfig(steps=3, batch_size=4), ENGINE,
-            checkpointer=Checkpointer(store, "ck")).fit()
+    Trainer(
+        LinearModel(),
+        streams(),
+        TrainConfig(steps=3, batch_size=4),
+        ENGINE,
+        checkpointer=Checkpointer(store, "ck"),
+    ).fit()
 
     class Other(LinearModel):
         def __init__(self):
@@ -118,8 +148,13 @@ def test_checkpoint_of_another_model_is_refused_clearly(tmp_path):
             self.extra = nn.Linear(2, 2)
 
     with pytest.raises(RuntimeError, match="does not match the model"):
-        Trainer(Other(), streams(), TrainConfig(steps=6, batch_size=4), ENGINE,
-                checkpointer=Checkpointer(store, "ck")).fit()
+        Trainer(
+            Other(),
+            streams(),
+            TrainConfig(steps=6, batch_size=4),
+            ENGINE,
+            checkpointer=Checkpointer(store, "ck"),
+        ).fit()
 
 
 def test_diverging_loss_stops_with_a_hint():

@@ -33,8 +33,12 @@ TRAIN = {"steps": 60, "batch_size": 16, "lr": 0.003, "warmup_steps": 5}
 @pytest.fixture(scope="module")
 def setup(synth_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("training")
-    data = tiny_config_dict(str(synth_data.root), str(work / "store"), model={"backbone": "tiny_resnet", "image_size": 48},
-                            engine={"log_every_steps": 10, "checkpoint_every_steps": 10, "eval_max_images": 64})
+    data = tiny_config_dict(
+        str(synth_data.root),
+        str(work / "store"),
+        model={"backbone": "tiny_resnet", "image_size": 48},
+        engine={"log_every_steps": 10, "checkpoint_every_steps": 10, "eval_max_images": 64},
+    )
     data["tasks"] = {t: TRAIN for t in ("cls", "det", "seg")}
     data["reconcile"] = {"train": {**TRAIN, "steps": 20}}
     config = work / "config.yaml"
@@ -44,7 +48,9 @@ def setup(synth_data, tmp_path_factory):
     manifests = {}
     for source in cfg.sources:
         manifest = ingest_source(source, store, image_size=cfg.model.image_size)
-        manifests[source.name] = store.uri(f"sources/{source.name}/{manifest['version']}/manifest.json")
+        manifests[source.name] = store.uri(
+            f"sources/{source.name}/{manifest['version']}/manifest.json"
+        )
     manifest_args = [a for n, uri in manifests.items() for a in ("--manifest", f"{n}={uri}")]
     return work, config, manifest_args
 
@@ -60,7 +66,11 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, capsys):
     subs = {}
     for task in ("cls", "det", "seg"):
         out = str(work / "store" / "runs" / f"expand-{task}")
-        subs[task] = run_stage(expand.main, ["--config", str(config), "--task", task, *manifest_args, "--out", out], capsys)
+        subs[task] = run_stage(
+            expand.main,
+            ["--config", str(config), "--task", task, *manifest_args, "--out", out],
+            capsys,
+        )
     cls = subs["cls"]["metrics"]["shapes_cls:cls"]["top1"]
     det = subs["det"]["metrics"]["shapes_det:det"]["mAP50"]
     seg = subs["seg"]["metrics"]["shapes_seg:seg"]["mIoU"]
@@ -71,23 +81,41 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, capsys):
 
     sub_args = [a for t, r in subs.items() for a in ("--sub-model", f"{t}={r['model']}")]
     out = str(work / "store" / "runs" / "reconcile")
-    rec = run_stage(reconcile.main, ["--config", str(config), *sub_args, *manifest_args, "--out", out], capsys)
+    rec = run_stage(
+        reconcile.main, ["--config", str(config), *sub_args, *manifest_args, "--out", out], capsys
+    )
     metrics = rec["metrics"]
     print(f"reconciled: {metrics}")
     assert metrics["shapes_cls:cls"]["top1"] > 0.5
     assert metrics["shapes_det:det"]["mAP50"] > 0.15
     assert metrics["shapes_seg:seg"]["mIoU"] > 0.35
     assert Path(out, "model", "model.safetensors").exists() and Path(out, "result.json").exists()
-    assert not list(Path(out).glob("checkpoints/*")), "checkpoints are dropped once the stage is done"
+    assert not list(Path(out).glob("checkpoints/*")), (
+        "checkpoints are dropped once the stage is done"
+    )
 
 
 def test_killed_stage_resumes_from_its_last_checkpoint(setup):
     work, config, manifest_args = setup
     out = work / "store" / "runs" / "expand-killed"
-    command = [sys.executable, "-m", "stages.expand", "--config", str(config), "--task", "cls", *manifest_args,
-               "--out", str(out), "--set", "tasks.cls.steps=40"]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.expand",
+        "--config",
+        str(config),
+        "--task",
+        "cls",
+        *manifest_args,
+        "--out",
+        str(out),
+        "--set",
+        "tasks.cls.steps=40",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     latest = out / "checkpoints" / "latest.json"
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and proc.poll() is None:

@@ -71,7 +71,9 @@ def backbone_trunk_spec(architecture: str) -> dict:
     return {"kind": "backbone", "architecture": architecture}
 
 
-def reconciled_trunk_spec(architectures: dict[str, str], mode: str, detach: bool, receive: list[int]) -> dict:
+def reconciled_trunk_spec(
+    architectures: dict[str, str], mode: str, detach: bool, receive: list[int]
+) -> dict:
     return {
         "kind": "reconciled",
         "architectures": architectures,
@@ -106,7 +108,10 @@ def build_model(spec: dict) -> MultiTaskModel:
     trunk = build_trunk(spec["trunk"])
     heads = {
         name: create_head(
-            TaskType(s["task"]), trunk_channels(trunk, s["task"]), s.get("num_classes", 0), spec["image_size"]
+            TaskType(s["task"]),
+            trunk_channels(trunk, s["task"]),
+            s.get("num_classes", 0),
+            spec["image_size"],
         )
         for name, s in spec["streams"].items()
     }
@@ -129,7 +134,10 @@ def read_model_spec(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable model spec ({err})") from None
     if spec.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not an xlearner model (format {spec.get('format')!r}, expected {MODEL_FORMAT!r})")
+        raise ValueError(
+            f"{path}: not an xlearner model "
+            f"(format {spec.get('format')!r}, expected {MODEL_FORMAT!r})"
+        )
     return spec
 
 
