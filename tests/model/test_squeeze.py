@@ -12,7 +12,12 @@ from torch.utils.data import Dataset, default_collate
 
 from xlearner.config import EngineConfig, SqueezeConfig, TrainConfig
 from xlearner.engine import Stream
-from xlearner.models.backbones import BackboneError, count_parameters, create_backbone
+from xlearner.models.backbones import (
+    BackboneError,
+    count_parameters,
+    create_backbone,
+    load_backbone,
+)
 from xlearner.models.multitask import (
     MultiTaskModel,
     backbone_trunk_spec,
@@ -267,13 +272,14 @@ def test_pruned_backbone_saves_without_pickles_and_loads_identically(pruned, tmp
     assert on_disk["trunk"]["kind"] == "reconciled"
     assert set(on_disk["shapes"]) == set(load_file(tmp_path / "backbone.safetensors"))
 
-    loaded = load_pruned_backbone(tmp_path)
-    assert loaded.channels == module.channels
-    assert count_parameters(loaded) == count_parameters(module)
     images = torch.rand(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        for ours, theirs in zip(module.eval()(images), loaded(images), strict=True):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # load_backbone (what transfer and users call) dispatches on the json's architecture
+    for loaded in (load_pruned_backbone(tmp_path), load_backbone(tmp_path)):
+        assert loaded.channels == module.channels
+        assert count_parameters(loaded) == count_parameters(module)
+        with torch.no_grad():
+            for ours, theirs in zip(module.eval()(images), loaded(images), strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_load_pruned_backbone_names_the_file_and_the_problem(pruned, tmp_path):

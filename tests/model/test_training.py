@@ -15,13 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from stages import expand, reconcile
 from tests.pipeline_config import tiny_config_dict
 from xlearner.config import validate_config
 from xlearner.data.ingest import ingest_source
+from xlearner.metrics import MeanIoU
 from xlearner.store import LocalStore
 
 pytestmark = pytest.mark.slow
@@ -55,14 +59,26 @@ def setup(synth_data, tmp_path_factory):
     return work, config, manifest_args
 
 
+def background_only_miou(mask_dir: Path, size: int, num_classes: int) -> float:
+    """The mIoU of a model that predicts background everywhere: the seg chance level."""
+    metric = MeanIoU(num_classes)
+    for path in sorted(mask_dir.glob("*.png")):
+        mask = np.array(Image.open(path).resize((size, size), Image.NEAREST))
+        mask = torch.from_numpy(mask).long()[None]
+        metric.update(torch.zeros_like(mask), {"mask": mask})
+    return metric.compute()["mIoU"]
+
+
 def run_stage(main, args: list[str], capsys) -> dict:
     assert main(args) == 0, capsys.readouterr().out[-3000:]
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("XLEARNER_RESULT ")][-1]
     return json.loads(line.removeprefix("XLEARNER_RESULT "))
 
 
-def test_expand_each_task_then_reconcile_beats_chance(setup, capsys):
+def test_expand_each_task_then_reconcile_beats_chance(setup, synth_data, capsys):
     work, config, manifest_args = setup
+    # ~0.16 here: background covers ~80% of the pixels, 4 shape classes score 0
+    seg_chance = background_only_miou(Path(synth_data.paths["shapes_seg"]) / "masks", 48, 5)
     subs = {}
     for task in ("cls", "det", "seg"):
         out = str(work / "store" / "runs" / f"expand-{task}")
@@ -77,7 +93,7 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, capsys):
     print(f"expanded: cls top1 {cls:.3f}, det mAP50 {det:.3f}, seg mIoU {seg:.3f}")
     assert cls > 0.5  # 4 shapes: chance is 0.25
     assert det > 0.15  # chance is ~0
-    assert seg > 0.35  # all-background scores ~0.15 mIoU (5 classes)
+    assert seg > 1.5 * seg_chance
 
     sub_args = [a for t, r in subs.items() for a in ("--sub-model", f"{t}={r['model']}")]
     out = str(work / "store" / "runs" / "reconcile")
@@ -88,7 +104,7 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, capsys):
     print(f"reconciled: {metrics}")
     assert metrics["shapes_cls:cls"]["top1"] > 0.5
     assert metrics["shapes_det:det"]["mAP50"] > 0.15
-    assert metrics["shapes_seg:seg"]["mIoU"] > 0.35
+    assert metrics["shapes_seg:seg"]["mIoU"] > 1.5 * seg_chance
     assert Path(out, "model", "model.safetensors").exists() and Path(out, "result.json").exists()
     assert not list(Path(out).glob("checkpoints/*")), (
         "checkpoints are dropped once the stage is done"

@@ -29,6 +29,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 BACKBONE_FORMAT = "xlearner-backbone/1"
 WEIGHTS_FILE = "backbone.safetensors"
 SPEC_FILE = "backbone.json"
+# Written by xlearner.squeeze (squeeze.method: prune); load_backbone dispatches to its loader.
+PRUNED_ARCHITECTURE = "pruned_reconciled"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -239,9 +241,20 @@ def read_backbone_spec(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def _peek_architecture(spec_path: Path) -> Any:
+    try:
+        return json.loads(spec_path.read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_backbone_spec reports what is wrong
+
+
 def load_backbone(path: str | Path) -> Backbone:
     """Rebuild a backbone saved by :func:`save_backbone` (a folder or one of its files)."""
     spec_path, weights_path = _backbone_files(path)
+    if _peek_architecture(spec_path) == PRUNED_ARCHITECTURE:  # squeeze.method: prune
+        from xlearner.squeeze.pruned_backbone import load_pruned_backbone
+
+        return load_pruned_backbone(spec_path)
     spec = read_backbone_spec(spec_path)
     backbone = create_backbone(spec["architecture"])
     if list(spec.get("channels", [])) != list(backbone.channels):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from xlearner.models.backbones import (
     BACKBONE_FORMAT,
+    PRUNED_ARCHITECTURE,
     SPEC_FILE,
     WEIGHTS_FILE,
     BackboneError,
@@ -33,7 +34,6 @@ from xlearner.models.backbones import (
 from xlearner.models.multitask import build_trunk
 from xlearner.models.reconciliation import NUM_STAGES, ReconciledNetwork
 
-PRUNED_ARCHITECTURE = "pruned_reconciled"
 PROBE_SIZE = 64
 
 
