@@ -13,6 +13,7 @@ every stage they have in common.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -153,6 +154,15 @@ class Plan:
             self.memo[out] = run_stage.submit(self.ctx, stage, label, args, out)
         return self.memo[out]
 
+    def derived(self, cfg: PipelineConfig) -> Plan:
+        """A plan over a variant's own config, sharing this run's ingests and stage calls."""
+        ctx = dataclasses.replace(
+            self.ctx, cfg=cfg, config_uri=publish_config(cfg, self.ctx.store_uri)
+        )
+        plan = Plan(ctx)
+        plan.memo, plan.manifests, plan.versions = self.memo, self.manifests, self.versions
+        return plan
+
     # ingest -------------------------------------------------------------------------
     def ingest(self) -> dict[str, dict]:
         futures = {}
@@ -177,12 +187,21 @@ class Plan:
     def manifest_args(self, names: list[str]) -> list[str]:
         return [arg for n in names for arg in ("--manifest", f"{n}={self.manifests[n]}")]
 
-    def training_section(self, extra: Any) -> dict:
+    def training_section(self, extra: Any, sources: list[str] | None = None) -> dict:
+        """What a training stage's output depends on in the config (its cache key part).
+
+        ``sources``: the sources it trains on (default all), so that a change to another
+        source does not re-run it.
+        """
         return {
             "model": self.cfg.model.model_dump(mode="json"),
             "engine": self.cfg.engine.model_dump(mode="json", exclude={"log_every_steps"}),
             "seed": self.cfg.seed,
-            "sources": [s.model_dump(mode="json", exclude={"uri"}) for s in self.cfg.sources],
+            "sources": [
+                {**s.model_dump(mode="json", exclude={"uri"}), "tasks": s.resolved_tasks}
+                for s in self.cfg.sources
+                if sources is None or s.name in sources
+            ],
             "extra": extra,
         }
 
@@ -194,7 +213,8 @@ class Plan:
         if only_source:
             args += ["--source", only_source]
         section = self.training_section(
-            {"task": task.value, "train": self.cfg.train_config(task).model_dump(mode="json")}
+            {"task": task.value, "train": self.cfg.train_config(task).model_dump(mode="json")},
+            sources,
         )
         return self.submit("expand", label, section, {s: self.versions[s] for s in sources}, args)
 
@@ -255,6 +275,12 @@ class Plan:
         """Train one variant; returns its rows: name -> {backbone, parameters, train_images}."""
         if variant == Variant.hard_sharing:
             return {"hard_sharing": self.hard_sharing()}
+        if variant == Variant.no_ssl:
+            return {
+                "no_ssl": self.derived(self.cfg.without_ssl()).variant(Variant.xlearner)[
+                    Variant.xlearner.value
+                ]
+            }
         if variant == Variant.single_task:
             return {
                 f"single_task:{s.name}": self.expand(s.resolved_tasks[0], s.name).result()

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before Prefect is imported (it reads its settings once): no telemetry from the test
+# servers (nothing outside is reachable here), and ephemeral servers get time to start
+# on a loaded 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
 import secrets
 import uuid
 from collections.abc import Iterator

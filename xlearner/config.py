@@ -221,6 +221,7 @@ class Variant(StrEnum):
     xlearner_pp = "xlearner_pp"
     prune = "prune"
     single_task = "single_task"
+    no_ssl = "no_ssl"  # X-Learner with the self-supervised tasks left out
 
 
 class DockerRunnerConfig(StrictModel):
@@ -313,7 +314,32 @@ class PipelineConfig(StrictModel):
                 f"tasks: {orphan} have hyper-parameters but no source feeds them; "
                 f"tasks fed by the sources: {sorted(t.value for t in fed)}"
             )
+        ssl_variants = [v for v in (self.variant, *self.compare) if v == Variant.no_ssl]
+        if ssl_variants and not fed & SELF_SUPERVISED:
+            raise ValueError(
+                "variant no_ssl compares X-Learner with and without the self-supervised tasks, "
+                "but no source feeds mim or contrastive; add an unlabeled source or "
+                "`tasks: [<label task>, contrastive]` to a source"
+            )
+        if ssl_variants and not set(self.without_ssl().task_types):
+            raise ValueError("variant no_ssl: every source feeds only self-supervised tasks")
         return self
+
+    def without_ssl(self) -> PipelineConfig:
+        """This config minus the self-supervised tasks (and the sources that fed only them)."""
+        sources = []
+        for source in self.sources:
+            tasks = [t for t in source.resolved_tasks if t not in SELF_SUPERVISED]
+            if tasks:
+                sources.append(source.model_copy(update={"tasks": tasks}))
+        return self.model_copy(
+            update={
+                "sources": sources,
+                "tasks": {t: c for t, c in self.tasks.items() if t not in SELF_SUPERVISED},
+                "variant": Variant.xlearner,
+                "compare": [],
+            }
+        )
 
     @property
     def task_types(self) -> list[TaskType]:

@@ -179,6 +179,12 @@ class LocalStore(ArtifactStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> None:
+        super().delete_prefix(prefix)
+        folder = self._path(prefix)
+        if folder.is_dir():  # the emptied folders too: a local store looks like S3's listing
+            shutil.rmtree(folder, ignore_errors=True)
+
 
 class S3Store(ArtifactStore):
     """S3 or an S3-compatible store (``endpoint_url``); credentials come from the environment."""

@@ -98,3 +98,17 @@ def test_missing_file_and_bad_yaml_fail_clearly(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(QUICKSTART, ["squeeze.method"])
+
+
+def test_no_ssl_variant_drops_the_self_supervised_tasks_and_their_only_sources():
+    cfg = load_config(QUICKSTART.with_name("ssl.yaml"))
+    assert {TaskType.mim, TaskType.contrastive} <= set(cfg.task_types)
+    plain = cfg.without_ssl()
+    assert plain.task_types == [TaskType.cls, TaskType.multilabel, TaskType.det, TaskType.seg]
+    assert "shapes_unlabeled" not in [s.name for s in plain.sources]
+    assert TaskType.mim not in plain.tasks and plain.compare == []
+
+
+def test_no_ssl_variant_needs_a_self_supervised_task(tmp_path):
+    with pytest.raises(ConfigError, match="no source feeds mim or contrastive"):
+        load_config(write(tmp_path, {**base(), "compare": ["no_ssl"]}))

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from xlearner.config import SourceConfig
 from xlearner.data.ingest import ingest_source, manifest_key
-from xlearner.data.shards import ManifestError, ShardDataset, collate_fn, hflip, load_manifest
+from xlearner.data.shards import ManifestError, ShardDataset, augment, collate_fn, load_manifest
 from xlearner.store import StoreError, open_store
 
 SIZE = 48
@@ -96,42 +96,45 @@ def test_seg_mask_matches_the_shapes(published):
     assert spread[inside].mean() > spread[~inside].mean() + 0.1
 
 
-def test_train_flip_is_deterministic_and_consistent(published):
-    plain = ShardDataset(published["shapes_det"], "train", SIZE)
+def test_train_augmentation_is_deterministic_per_epoch(published):
     aug = ShardDataset(published["shapes_det"], "train", SIZE, train=True)
-    flipped = 0
-    for i in range(40):
+    plain = ShardDataset(published["shapes_det"], "train", SIZE)
+    changed = 0
+    for i in range(20):
         image, target = aug[i]
-        again, _ = aug[i]
-        assert torch.equal(image, again)
-        ref_image, ref_target = plain[i]
-        if torch.equal(image, ref_image):
-            assert torch.equal(target["boxes"], ref_target["boxes"])
-            continue
-        flipped += 1
-        want_image, want_target = hflip(ref_image, ref_target)
-        assert torch.equal(image, want_image)
-        assert torch.allclose(target["boxes"], want_target["boxes"])
-        assert (target["boxes"][:, 2] > target["boxes"][:, 0]).all()
-    assert 8 < flipped < 32
+        again, target_again = aug[i]
+        assert torch.equal(image, again) and torch.equal(target["boxes"], target_again["boxes"])
+        changed += not torch.equal(image, plain[i][0])
+        boxes = target["boxes"]
+        assert boxes.shape == (len(target["labels"]), 4)
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= SIZE
+    assert changed >= 18
     aug.set_epoch(1)
-    assert any(
-        not torch.equal(
-            aug[i][0], ShardDataset(published["shapes_det"], "train", SIZE, train=True)[i][0]
+    assert sum(not torch.equal(aug[i][0], plain[i][0]) for i in range(20)) >= 18
+    assert any(not torch.equal(aug[i][0], aug_i) for i, aug_i in enumerate(
+        ShardDataset(published["shapes_det"], "train", SIZE, train=True)[k][0] for k in range(20)
+    ))  # fmt: skip
+
+
+def test_augmentation_moves_boxes_and_masks_with_the_pixels():
+    """A white square on black: after augmenting, box, mask and pixels still coincide."""
+    image = torch.zeros(3, 64, 64)
+    image[:, 20:40, 10:30] = 1.0
+    mask = torch.zeros(64, 64, dtype=torch.int64)
+    mask[20:40, 10:30] = 1
+    box = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    for seed in range(10):
+        out, target = augment(
+            image, {"mask": mask, "boxes": box, "labels": torch.tensor([1])}, seed
         )
-        for i in range(20)
-    )
-
-
-def test_hflip_mirrors_boxes_and_masks():
-    image = torch.zeros(3, 4, 10)
-    image[:, :, 0] = 1
-    mask = torch.zeros(4, 10, dtype=torch.int64)
-    mask[:, :3] = 2
-    out, target = hflip(image, {"boxes": torch.tensor([[0.0, 1.0, 3.0, 2.0]]), "mask": mask})
-    assert out[:, :, 9].eq(1).all() and out[:, :, 0].eq(0).all()
-    assert target["boxes"].tolist() == [[7.0, 1.0, 10.0, 2.0]]
-    assert target["mask"][:, 7:].eq(2).all() and target["mask"][:, :7].eq(0).all()
+        lit = out[0] > 0.5
+        ys, xs = torch.nonzero(lit, as_tuple=True)
+        drawn = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        assert torch.allclose(target["boxes"][0], drawn, atol=1.5), (seed, target["boxes"], drawn)
+        square = target["mask"] == 1
+        assert (square == lit).float().mean() > 0.98
+        shifted_in = target["mask"] == 255  # pixels from outside the image: ignored
+        assert (out[:, shifted_in] == 0).all()
 
 
 @pytest.mark.parametrize(

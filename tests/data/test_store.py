@@ -89,6 +89,8 @@ def test_delete_prefix(store):
         store.write_bytes(key, b"1")
     store.delete_prefix("p")
     assert store.list("") == ["q/d"]
+    if isinstance(store, LocalStore):  # no empty folders left behind
+        assert not (store.root / "p").exists()
 
 
 def test_resolve_splits_uri(tmp_path):

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from xlearner.config import SourceFormat
+from xlearner.data.formats import IGNORE_INDEX
 from xlearner.data.ingest import MANIFEST_FORMAT, SPLITS
 from xlearner.store import ArtifactNotFound, StoreError, join, resolve
 
@@ -76,7 +79,7 @@ def index_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
     return list(samples.values())
 
 
-def _flip_seed(seed: int, epoch: int, index: int) -> int:
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
     digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -84,9 +87,9 @@ def _flip_seed(seed: int, epoch: int, index: int) -> int:
 class ShardDataset(Dataset):
     """``(image [3, S, S] float in [0, 1], target)`` pairs of one split of a manifest.
 
-    ``train=True`` adds a random horizontal flip; its coin is drawn from a generator
-    seeded by (``seed``, epoch, index), so an epoch is reproducible: call
-    :meth:`set_epoch` at the start of every epoch.
+    ``train=True`` applies :func:`augment` with a seed drawn from (``seed``, epoch,
+    index), so an epoch is reproducible: call :meth:`set_epoch` at the start of every
+    epoch.
     """
 
     def __init__(
@@ -188,9 +191,7 @@ class ShardDataset(Dataset):
         img = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
         target = self._target(label, mask_bytes, width, height)
         if self.train:
-            generator = torch.Generator().manual_seed(_flip_seed(self.seed, self.epoch, index))
-            if torch.rand((), generator=generator) < 0.5:
-                img, target = hflip(img, target)
+            img, target = augment(img, target, _sample_seed(self.seed, self.epoch, index))
         return img, target
 
     def _target(
@@ -217,19 +218,44 @@ class ShardDataset(Dataset):
         return {}
 
 
-def hflip(
-    image: torch.Tensor, target: dict[str, torch.Tensor]
+# Label-safe for every task: mirror, shift by up to 10% and rescale by up to 15% (the
+# multilabel "big"/"small" attributes stay apart), boxes and masks moved alike. Pixels
+# shifted in are black; mask pixels shifted in are 255 (ignored by the seg loss).
+_GEOMETRY = v2.Compose(
+    [
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(
+            degrees=0,
+            translate=(0.1, 0.1),
+            scale=(0.85, 1.15),
+            fill={tv_tensors.Mask: IGNORE_INDEX, "others": 0},
+        ),
+    ]
+)
+# Boxes cut by the border are clipped; those left without area go, with their labels.
+_BOXES = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()])
+
+
+def augment(
+    image: torch.Tensor, target: dict[str, torch.Tensor], seed: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mirror an image and its target left-right (boxes and masks included)."""
-    width = image.shape[-1]
-    target = dict(target)
+    """The train-time augmentation of one sample, a pure function of ``seed``."""
+    size = tuple(image.shape[-2:])
+    wrapped: dict[str, Any] = dict(target)
     if "boxes" in target:
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-        target["boxes"] = boxes
+        wrapped["boxes"] = tv_tensors.BoundingBoxes(
+            target["boxes"], format="XYXY", canvas_size=size
+        )
     if "mask" in target:
-        target["mask"] = target["mask"].flip(-1)
-    return image.flip(-1), target
+        wrapped["mask"] = tv_tensors.Mask(target["mask"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out_image, out_target = _GEOMETRY(tv_tensors.Image(image), wrapped)
+    if "boxes" in target:
+        out_image, out_target = _BOXES(out_image, out_target)
+    return out_image.as_subclass(torch.Tensor), {
+        k: v.as_subclass(torch.Tensor) for k, v in out_target.items()
+    }
 
 
 def _collate_stacked(
