@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from stages.common import (
@@ -32,9 +33,20 @@ ALL_TASKS = "all"
 
 
 def hard_sharing_budget(cfg) -> TrainConfig:
-    """Hard sharing gets the optimiser steps of the whole expansion + reconciliation."""
-    steps = sum(cfg.train_config(t).steps for t in cfg.task_types) + cfg.reconcile.train.steps
-    return cfg.reconcile.train.model_copy(update={"steps": steps})
+    """Hard sharing sees as many training images as expansion + reconciliation together.
+
+    A step draws one batch from every stream (a source feeding a task), so a step of
+    expand-<task> costs ``batch x streams of the task`` images, one of hard sharing
+    ``batch x all streams``; hard sharing trains with the reconcile hyper-parameters.
+    """
+    streams = {t: sum(t in s.resolved_tasks for s in cfg.sources) for t in cfg.task_types}
+    joint = cfg.reconcile.train
+    images = sum(cfg.train_config(t).steps * cfg.train_config(t).batch_size * n
+                 for t, n in streams.items())  # fmt: skip
+    images += joint.steps * joint.batch_size * sum(streams.values())
+    return joint.model_copy(
+        update={"steps": math.ceil(images / (joint.batch_size * sum(streams.values())))}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

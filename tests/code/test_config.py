@@ -112,3 +112,17 @@ def test_no_ssl_variant_drops_the_self_supervised_tasks_and_their_only_sources()
 def test_no_ssl_variant_needs_a_self_supervised_task(tmp_path):
     with pytest.raises(ConfigError, match="no source feeds mim or contrastive"):
         load_config(write(tmp_path, {**base(), "compare": ["no_ssl"]}))
+
+
+def test_hard_sharing_sees_as_many_images_as_expansion_and_reconciliation():
+    from stages.expand import hard_sharing_budget
+
+    cfg = load_config(QUICKSTART)
+    budget = hard_sharing_budget(cfg)
+    expansion = sum(
+        cfg.train_config(t).steps * cfg.train_config(t).batch_size for t in cfg.task_types
+    )
+    joint = cfg.reconcile.train.steps * cfg.reconcile.train.batch_size * 4  # 4 streams
+    assert budget.batch_size == cfg.reconcile.train.batch_size
+    assert budget.steps * budget.batch_size * 4 >= expansion + joint
+    assert (budget.steps - 1) * budget.batch_size * 4 < expansion + joint

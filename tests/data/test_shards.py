@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader
 
 from xlearner.config import SourceConfig
 from xlearner.data.ingest import ingest_source, manifest_key
-from xlearner.data.shards import ManifestError, ShardDataset, augment, collate_fn, load_manifest
+from xlearner.data.shards import (
+    ManifestError,
+    ShardDataset,
+    collate_fn,
+    hflip,
+    load_manifest,
+    view_boxes,
+)
 from xlearner.store import StoreError, open_store
 
 SIZE = 48
@@ -116,25 +123,38 @@ def test_train_augmentation_is_deterministic_per_epoch(published):
     ))  # fmt: skip
 
 
-def test_augmentation_moves_boxes_and_masks_with_the_pixels():
-    """A white square on black: after augmenting, box, mask and pixels still coincide."""
-    image = torch.zeros(3, 64, 64)
-    image[:, 20:40, 10:30] = 1.0
-    mask = torch.zeros(64, 64, dtype=torch.int64)
-    mask[20:40, 10:30] = 1
-    box = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
-    for seed in range(10):
-        out, target = augment(
-            image, {"mask": mask, "boxes": box, "labels": torch.tensor([1])}, seed
-        )
-        lit = out[0] > 0.5
-        ys, xs = torch.nonzero(lit, as_tuple=True)
-        drawn = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-        assert torch.allclose(target["boxes"][0], drawn, atol=1.5), (seed, target["boxes"], drawn)
-        square = target["mask"] == 1
-        assert (square == lit).float().mean() > 0.98
-        shifted_in = target["mask"] == 255  # pixels from outside the image: ignored
-        assert (out[:, shifted_in] == 0).all()
+def test_augmented_boxes_and_masks_follow_the_pixels(published):
+    """Augmented det and seg samples: the shapes' pixels lie where the targets say."""
+    det = ShardDataset(published["shapes_det"], "train", 64, train=True)
+    seg = ShardDataset(published["shapes_seg"], "train", 64, train=True)
+    for i in range(10):
+        image, target = seg[i]
+        inside = target["mask"] > 0
+        spread = image.max(0).values - image.min(0).values  # saturated shapes, muted ground
+        assert spread[inside].mean() > spread[~inside].mean() + 0.1
+        image, target = det[i]
+        spread = image.max(0).values - image.min(0).values
+        for x0, y0, x1, y1 in target["boxes"].round().int().tolist():
+            assert spread[y0:y1, x0:x1].mean() > spread.mean() - 0.02
+
+
+def test_view_boxes_crops_scales_and_drops():
+    boxes = torch.tensor([[0.5, 0.5, 0.75, 0.75], [0.0, 0.0, 0.05, 0.05], [0.85, 0.1, 1.0, 0.3]])
+    out = view_boxes(boxes, torch.tensor([1, 2, 3]), (0.1, 0.1, 0.9, 0.9), 80)
+    # x' = (x - 0.1) * 100, clipped to [0, 80]; the second box falls outside the window
+    assert out["labels"].tolist() == [1, 3]
+    assert torch.allclose(out["boxes"], torch.tensor([[40.0, 40, 65, 65], [75, 0, 80, 20]]))
+
+
+def test_hflip_mirrors_boxes_and_masks():
+    image = torch.zeros(3, 4, 10)
+    image[:, :, 0] = 1
+    mask = torch.zeros(4, 10, dtype=torch.int64)
+    mask[:, :3] = 2
+    out, target = hflip(image, {"boxes": torch.tensor([[0.0, 1.0, 3.0, 2.0]]), "mask": mask})
+    assert out[:, :, 9].eq(1).all() and out[:, :, 0].eq(0).all()
+    assert target["boxes"].tolist() == [[7.0, 1.0, 10.0, 2.0]]
+    assert target["mask"][:, 7:].eq(2).all() and target["mask"][:, :7].eq(0).all()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from xlearner.config import SourceFormat
-from xlearner.data.formats import IGNORE_INDEX
 from xlearner.data.ingest import MANIFEST_FORMAT, SPLITS
 from xlearner.store import ArtifactNotFound, StoreError, join, resolve
 
@@ -84,11 +82,62 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+# Train-time augmentation, label-safe for every task: a random crop window of 80-100% of
+# the side (a zoom of at most 1.25: the multilabel "big"/"small" attributes stay apart)
+# at a random place, then a horizontal flip half of the time. The window is folded into
+# the decode resize (PIL's ``resize(box=...)``), so it costs nothing; boxes and masks go
+# through the same window.
+View = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image
+FULL_VIEW: View = (0.0, 0.0, 1.0, 1.0)
+MIN_VIEW = 0.8
+MIN_BOX_SIDE = 1.0  # pixels; boxes cut smaller than this by the window are dropped
+
+
+def random_view(seed: int) -> tuple[View, bool]:
+    """The crop window and flip of one sample: a pure function of ``seed``."""
+    rng = random.Random(seed)
+    side = rng.uniform(MIN_VIEW, 1.0)
+    x0, y0 = rng.uniform(0.0, 1.0 - side), rng.uniform(0.0, 1.0 - side)
+    return (x0, y0, x0 + side, y0 + side), rng.random() < 0.5
+
+
+def _pixels(view: View, width: int, height: int) -> tuple[float, float, float, float]:
+    return (view[0] * width, view[1] * height, view[2] * width, view[3] * height)
+
+
+def view_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, view: View, size: int
+) -> dict[str, torch.Tensor]:
+    """Boxes given as fractions of the image, in pixels of the ``size`` crop of ``view``;
+    clipped to it, and dropped (with their labels) when left thinner than a pixel."""
+    x0, y0, x1, y1 = view
+    origin = torch.tensor([x0, y0, x0, y0])
+    scale = torch.tensor([size / (x1 - x0), size / (y1 - y0)] * 2)
+    out = ((boxes - origin) * scale).clamp(0, size)
+    keep = (out[:, 2] - out[:, 0] >= MIN_BOX_SIDE) & (out[:, 3] - out[:, 1] >= MIN_BOX_SIDE)
+    return {"boxes": out[keep], "labels": labels[keep]}
+
+
+def hflip(
+    image: torch.Tensor, target: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mirror an image and its target left-right (boxes and masks included)."""
+    width = image.shape[-1]
+    target = dict(target)
+    if "boxes" in target:
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+    if "mask" in target:
+        target["mask"] = target["mask"].flip(-1)
+    return image.flip(-1), target
+
+
 class ShardDataset(Dataset):
     """``(image [3, S, S] float in [0, 1], target)`` pairs of one split of a manifest.
 
-    ``train=True`` applies :func:`augment` with a seed drawn from (``seed``, epoch,
-    index), so an epoch is reproducible: call :meth:`set_epoch` at the start of every
+    ``train=True`` draws a crop window and a flip (:func:`random_view`) from (``seed``,
+    epoch, index), so an epoch is reproducible: call :meth:`set_epoch` at the start of every
     epoch.
     """
 
@@ -182,20 +231,29 @@ class ShardDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         data, label, mask_bytes = self.raw(index)
         size = self.image_size
+        view = FULL_VIEW
+        flip = False
+        if self.train:
+            view, flip = random_view(_sample_seed(self.seed, self.epoch, index))
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if image.format == "JPEG":
                 image.draft("RGB", (size, size))  # decode big JPEGs at a reduced scale
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            rgb = image.convert("RGB").resize(
+                (size, size), Image.Resampling.BILINEAR, box=_pixels(view, *image.size)
+            )
         array = np.asarray(rgb, dtype=np.uint8)
         img = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-        target = self._target(label, mask_bytes, width, height)
-        if self.train:
-            img, target = augment(img, target, _sample_seed(self.seed, self.epoch, index))
-        return img, target
+        target = self._target(label, mask_bytes, width, height, view)
+        return hflip(img, target) if flip else (img, target)
 
     def _target(
-        self, label: dict[str, Any], mask_bytes: bytes | None, width: int, height: int
+        self,
+        label: dict[str, Any],
+        mask_bytes: bytes | None,
+        width: int,
+        height: int,
+        view: View = FULL_VIEW,
     ) -> dict[str, torch.Tensor]:
         size = self.image_size
         if self.format == SourceFormat.cls:
@@ -206,56 +264,15 @@ class ShardDataset(Dataset):
             return {"labels": hot}
         if self.format == SourceFormat.det:
             boxes = torch.tensor(label["boxes"], dtype=torch.float32).reshape(-1, 4)
-            scale = torch.tensor([size / width, size / height] * 2, dtype=torch.float32)
-            return {
-                "boxes": boxes * scale,
-                "labels": torch.tensor(label["labels"], dtype=torch.int64),
-            }
+            labels = torch.tensor(label["labels"], dtype=torch.int64)
+            return view_boxes(boxes / torch.tensor([width, height] * 2), labels, view, size)
         if self.format == SourceFormat.seg:
             with Image.open(io.BytesIO(mask_bytes)) as mask:
-                resized = mask.resize((size, size), Image.Resampling.NEAREST)
+                resized = mask.resize(
+                    (size, size), Image.Resampling.NEAREST, box=_pixels(view, *mask.size)
+                )
             return {"mask": torch.from_numpy(np.asarray(resized, dtype=np.int64).copy())}
         return {}
-
-
-# Label-safe for every task: mirror, shift by up to 10% and rescale by up to 15% (the
-# multilabel "big"/"small" attributes stay apart), boxes and masks moved alike. Pixels
-# shifted in are black; mask pixels shifted in are 255 (ignored by the seg loss).
-_GEOMETRY = v2.Compose(
-    [
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(
-            degrees=0,
-            translate=(0.1, 0.1),
-            scale=(0.85, 1.15),
-            fill={tv_tensors.Mask: IGNORE_INDEX, "others": 0},
-        ),
-    ]
-)
-# Boxes cut by the border are clipped; those left without area go, with their labels.
-_BOXES = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()])
-
-
-def augment(
-    image: torch.Tensor, target: dict[str, torch.Tensor], seed: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The train-time augmentation of one sample, a pure function of ``seed``."""
-    size = tuple(image.shape[-2:])
-    wrapped: dict[str, Any] = dict(target)
-    if "boxes" in target:
-        wrapped["boxes"] = tv_tensors.BoundingBoxes(
-            target["boxes"], format="XYXY", canvas_size=size
-        )
-    if "mask" in target:
-        wrapped["mask"] = tv_tensors.Mask(target["mask"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out_image, out_target = _GEOMETRY(tv_tensors.Image(image), wrapped)
-    if "boxes" in target:
-        out_image, out_target = _BOXES(out_image, out_target)
-    return out_image.as_subclass(torch.Tensor), {
-        k: v.as_subclass(torch.Tensor) for k, v in out_target.items()
-    }
 
 
 def _collate_stacked(
