@@ -9,6 +9,10 @@ import os
 # on a loaded 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# `import prefect` below, at collection: Prefect sets up its logging handlers on import,
+# bound to the sys.stderr of that moment. Here that is pytest's session-long capture;
+# imported first inside a test using capsys, it would be that test's stream, closed
+# when the test ends, and every later flow run would fail ("I/O operation on closed file").
 
 import secrets
 import uuid
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import prefect  # noqa: F401  (see above)
 import pytest
 
 from flows.stack import SeaweedFS, ServiceError, find_weed

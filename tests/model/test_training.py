@@ -153,3 +153,21 @@ def test_killed_stage_resumes_from_its_last_checkpoint(setup):
     result = json.loads(rerun.stdout.split("XLEARNER_RESULT ")[-1])
     assert result["resumed_from_step"] == checkpoint_step
     assert (out / "result.json").exists()
+
+
+def test_expand_stage_runs_under_torchrun_with_two_processes(setup):
+    """The multi-GPU path (DDP), here on CPU with gloo: both ranks train, rank 0 publishes."""
+    work, config, manifest_args = setup
+    out = work / "store" / "runs" / "expand-ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "stages.expand", "--config", str(config), "--task", "cls",
+        *manifest_args, "--out", str(out), "--steps", "6",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert run.stdout.count("XLEARNER_RESULT ") == 2  # every rank reports ...
+    result = json.loads((out / "result.json").read_text())  # ... rank 0 publishes
+    assert result["metrics"]["shapes_cls:cls"]["top1"] >= 0
+    assert (out / "backbone" / "backbone.safetensors").exists()
