@@ -225,13 +225,21 @@ class Plan:
     def all_manifests(self) -> list[str]:
         return [s.name for s in self.cfg.sources]
 
+    def source_versions(self) -> dict[str, str]:
+        """The versions of this plan's training sources (not the downstream sets, nor the
+        sources a derived plan left out): what joint training depends on."""
+        return {name: self.versions[name] for name in self.all_manifests()}
+
     def reconcile(self, subs: dict[str, dict], mode: str) -> dict:
         section = self.training_section(
             {"reconcile": self.cfg.reconcile.model_dump(mode="json"), "mode": mode}
         )
         args = [arg for t, r in subs.items() for arg in ("--sub-model", f"{t}={r['model']}")]
         args += [*self.manifest_args(self.all_manifests()), "--set", f"reconcile.mode={mode}"]
-        inputs = {"subs": {t: r["out"] for t, r in subs.items()}, "versions": self.versions}
+        inputs = {
+            "subs": {t: r["out"] for t, r in subs.items()},
+            "versions": self.source_versions(),
+        }
         return self.submit("reconcile", f"reconcile-{mode}", section, inputs, args).result()
 
     def squeeze(self, label: str, teacher_args: list[str], inputs: Any, method: str) -> dict:
@@ -267,7 +275,7 @@ class Plan:
                 },
             }
         )
-        inputs = {"versions": self.versions, "init": init_backbone}
+        inputs = {"versions": self.source_versions(), "init": init_backbone}
         return self.submit("expand", label, section, inputs, args).result()
 
     # variants --------------------------------------------------------------------------

@@ -30,11 +30,25 @@ RESULT_FILE = "result.json"
 log = logging.getLogger("xlearner.stage")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record comes, not the one of the moment
+    it was made: a stage run in-process (tests, with captured and later closed streams)
+    must not leave the root logger writing to a closed file."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
+        handlers=[_StdoutHandler()],
         force=True,
     )
 

