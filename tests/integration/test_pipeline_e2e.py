@@ -100,10 +100,11 @@ def test_backbone_is_registered_with_champion_alias(stack_run: StackRun):
     version = client.get_model_version(name, registered["version"])
     assert version.run_id == stack_run.result["mlflow_parent_run_id"]
     champion = client.get_model_version_by_alias(name, "champion")
-    if registered["champion"]:
-        assert champion.version == version.version
+    if registered["champion"]:  # it took the alias; later runs of the session may take it on
+        assert int(champion.version) >= int(version.version)
     else:  # another test registered a better backbone on this server first
-        assert float(champion.tags["avg_cls"]) >= float(version.tags["avg_cls"])
+        assert int(champion.version) != int(version.version)
+    assert float(champion.tags["avg_cls"]) >= float(version.tags["avg_cls"])
 
 
 def test_second_run_reuses_every_stage(stack_run: StackRun):
