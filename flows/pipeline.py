@@ -44,6 +44,11 @@ RESULT_FILE = "result.json"
 INPUT_ERROR_EXIT = 2  # stages exit 2 on bad input: retrying cannot help
 
 
+def absolute_store_uri(uri: str) -> str:
+    """A local store as an absolute path (stage processes may run elsewhere); S3 as is."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
 @dataclass
 class PipelineContext:
     """What every stage call of one pipeline run shares."""
@@ -60,11 +65,7 @@ class PipelineContext:
 
     @property
     def store_uri(self) -> str:
-        return (
-            self.cfg.store.uri
-            if "://" in self.cfg.store.uri
-            else str(Path(self.cfg.store.uri).resolve())
-        )
+        return absolute_store_uri(self.cfg.store.uri)
 
     def record(self, label: str, seconds: float, ran: bool) -> None:
         with self.lock:
@@ -413,8 +414,7 @@ def xlearner_pipeline(config: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     if cfg.synth.enabled:
         synthesize_sources(cfg)
-    store_uri = cfg.store.uri if "://" in cfg.store.uri else str(Path(cfg.store.uri).resolve())
-    config_uri = publish_config(cfg, store_uri)
+    config_uri = publish_config(cfg, absolute_store_uri(cfg.store.uri))
     parallel = min(4, len(cfg.task_types))
     tags = {
         "prefect.flow_run_id": str(flow_run.id or ""),
