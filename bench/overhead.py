@@ -9,6 +9,7 @@ stage seconds is not comparable with the wall time; it is printed too).
 
     python bench/overhead.py                                   # the quick start
     python bench/overhead.py --set tasks.cls.steps=20 --set compare=[]
+    python bench/overhead.py --compare-cold        # also without warm start, side by side
 
 Goal: overhead under 10 % of the wall time and under 2 s per stage. Uses the Prefect
 server of PREFECT_API_URL, else Prefect's ephemeral one (its start-up is not counted).
@@ -38,7 +39,8 @@ LOG_PAGE = 200
 
 @dataclass
 class StageTiming:
-    label: str
+    label: str  # the Prefect task's label, e.g. ``squeeze-xlearner`` or ``hard_sharing``
+    stage: str  # the stage command it ran, e.g. ``squeeze`` or ``expand``
     task_s: float  # the Prefect task: process start to exit, log forwarding included
     compute_s: float  # the stage body inside its process
     finished: datetime  # when the stage printed its result
@@ -94,7 +96,13 @@ def stage_timings(stage_seconds: dict[str, float], logs: list) -> list[StageTimi
             result = json.loads(match["result"])
             label = match["label"]
             timings.append(
-                StageTiming(label, stage_seconds[label], float(result["seconds"]), log.timestamp)
+                StageTiming(
+                    label,
+                    result["stage"],
+                    stage_seconds[label],
+                    float(result["seconds"]),
+                    log.timestamp,
+                )
             )
     return sorted(timings, key=lambda t: t.finished)
 
@@ -136,9 +144,9 @@ def report(cfg, result: dict, outer_wall_s: float, flow_run, task_runs: list, lo
         "cached_stages": cached,
         "stages": [stage_row(t) for t in timings],
     }
-    starts = import_seconds({t.label.split("-")[0] for t in timings})
+    starts = import_seconds({t.stage for t in timings})
     for row in summary["stages"]:
-        row["import_s"] = round(starts[row["label"].split("-")[0]], 2)
+        row["import_s"] = round(starts[row["stage"]], 2)
     summary["goal_met"] = (
         summary["overhead_percent"] < GOAL_PERCENT
         and summary["stage_overhead_max_s"] < GOAL_STAGE_S
@@ -175,6 +183,26 @@ def print_summary(s: dict) -> None:
     print("\n" + "\n".join(lines))
 
 
+def measure(cfg) -> dict | None:
+    """One pipeline run on ``cfg``, as ``xlearner run`` starts it; its summary (None: failed)."""
+    from flows.pipeline import start_stage_interpreter, xlearner_pipeline
+
+    mode = "warm start" if cfg.runner.warm_start else "a new interpreter per stage"
+    print(f"running {cfg.name} ({mode}) with store {cfg.store.uri} ...", flush=True)
+    t0 = time.perf_counter()
+    start_stage_interpreter(cfg)
+    state = xlearner_pipeline(config=cfg, return_state=True)
+    outer_wall_s = time.perf_counter() - t0
+    if not state.is_completed():
+        print(f"the pipeline run ended {state.name}: {state.message}", file=sys.stderr)
+        return None
+    flow_run, task_runs, logs = flow_run_records(state.state_details.flow_run_id)
+    summary = report(cfg, state.result(), outer_wall_s, flow_run, task_runs, logs)
+    summary["warm_start"] = cfg.runner.warm_start
+    print_summary(summary)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/quickstart.yaml", help="pipeline config YAML")
@@ -183,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-store",
         action="store_true",
         help="use store.uri as is (cached stages are not timed); default: a fresh prefix",
+    )
+    parser.add_argument(
+        "--compare-cold",
+        action="store_true",
+        help="first run the same pipeline with runner.warm_start=false (fresh prefix too)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
@@ -193,29 +226,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from xlearner.config import ConfigError, load_config
 
-    overrides = list(args.overrides)
+    runs = [["runner.warm_start=false"], []] if args.compare_cold else [[]]
     try:
-        if not args.reuse_store:
-            base = load_config(args.config, overrides).store.uri.rstrip("/")
-            overrides.append(f"store.uri={base}/bench-{uuid.uuid4().hex[:8]}")
-        cfg = load_config(args.config, overrides)
+        base = load_config(args.config, args.overrides).store.uri.rstrip("/")
+        configs = []
+        for extra in runs:
+            if not args.reuse_store:
+                extra = [*extra, f"store.uri={base}/bench-{uuid.uuid4().hex[:8]}"]
+            configs.append(load_config(args.config, [*args.overrides, *extra]))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    from flows.pipeline import xlearner_pipeline
-
-    print(f"running {cfg.name} with store {cfg.store.uri} ...", flush=True)
-    t0 = time.perf_counter()
-    state = xlearner_pipeline(config=cfg, return_state=True)
-    outer_wall_s = time.perf_counter() - t0
-    if not state.is_completed():
-        print(f"the pipeline run ended {state.name}: {state.message}", file=sys.stderr)
+    summaries = [measure(cfg) for cfg in configs]
+    if None in summaries:
         return 1
-    flow_run, task_runs, logs = flow_run_records(state.state_details.flow_run_id)
-    summary = report(cfg, state.result(), outer_wall_s, flow_run, task_runs, logs)
-    print_summary(summary)
+    if args.compare_cold:
+        cold, warm = summaries
+        print(
+            f"\nside by side: overhead {cold['overhead_s']:.1f} s "
+            f"({cold['overhead_percent']:.1f} %) with a new interpreter per stage, "
+            f"{warm['overhead_s']:.1f} s "
+            f"({warm['overhead_percent']:.1f} %) with warm start; flow wall time "
+            f"cold/warm = {cold['wall_s'] / warm['wall_s']:.2f}x"
+        )
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        args.json.write_text(json.dumps(summaries if args.compare_cold else summaries[0], indent=2))
     return 0
 
 

@@ -34,6 +34,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows import warm_start
 from flows.caching import source_fingerprint, stage_key, stage_out
 from flows.runners import StageFailed, make_runner
 from xlearner import tracking
@@ -412,6 +413,7 @@ def xlearner_pipeline(config: PipelineConfig) -> dict:
     logger = get_run_logger()
     cfg = config
     t0 = time.perf_counter()
+    start_stage_interpreter(cfg)  # no-op if `run_pipeline` started it already
     if cfg.synth.enabled:
         synthesize_sources(cfg)
     config_uri = publish_config(cfg, absolute_store_uri(cfg.store.uri))
@@ -480,10 +482,18 @@ def _main_row(cfg: PipelineConfig) -> str:
     )
 
 
+def start_stage_interpreter(cfg: PipelineConfig) -> None:
+    """Start the warm-start fork server (process runner): its imports then overlap Prefect's
+    start-up and the work before the first stage, instead of delaying that stage."""
+    if cfg.runner.kind == "process" and cfg.runner.warm_start:
+        warm_start.start()
+
+
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
     """What ``xlearner run`` calls: runs the flow (ephemeral Prefect if no server is set)."""
     from xlearner.report import format_table
 
+    start_stage_interpreter(cfg)
     result = xlearner_pipeline(config=cfg)
     echo("\n" + format_table(result["report"]))
     echo(f"\nreport: {result['report_uri']}")

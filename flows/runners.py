@@ -222,18 +222,93 @@ class StageRunner:
         raise NotImplementedError
 
 
+class _Subprocess:
+    """``python -m stages.<name>`` (or any command) as a child process in its own session."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str], cwd: str | os.PathLike | None):
+        self._popen = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # its own process group: a kill reaches its children too
+        )
+        self.pid = self._popen.pid
+
+    def lines(self) -> Iterator[str]:
+        return iter(self._popen.stdout.readline, "")
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        self._popen.stdout.close()
+
+
 class ProcessRunner(StageRunner):
-    """Runs a stage as a local subprocess of ``python`` (default: this interpreter)."""
+    """Runs a stage as a local child process of ``python`` (default: this interpreter).
+
+    With ``warm_start`` a stage is forked from an interpreter that has imported the
+    stages already (:mod:`flows.warm_start`) instead of started as a new ``python -m
+    stages.<name>``: the same code and arguments without the seconds of imports (only
+    for this interpreter's ``python``). ``run_command`` always starts a new process.
+    """
 
     def __init__(
         self,
         python: str = sys.executable,
         cwd: str | os.PathLike | None = None,
         kill_grace_s: float = 10.0,
+        warm_start: bool = False,
     ):
         self.python = python
         self.cwd = cwd
         self.kill_grace_s = kill_grace_s
+        self.warm_start = warm_start and python == sys.executable
+
+    def run(
+        self,
+        stage: str,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log: LogFn | None = None,
+        timeout_s: float | None = None,
+    ) -> StageResult:
+        return self.run_module(
+            f"stages.{stage}", args, stage=stage, env=env, log=log, timeout_s=timeout_s
+        )
+
+    def run_module(
+        self,
+        module: str,
+        args: list[str],
+        *,
+        stage: str,
+        env: Mapping[str, str] | None = None,
+        log: LogFn | None = None,
+        timeout_s: float | None = None,
+    ) -> StageResult:
+        """``python -m module args`` under the stage protocol, forked when ``warm_start``."""
+        if not self.warm_start:
+            command = [self.python, "-m", module, *args]
+            return self.run_command(command, stage=stage, env=env, log=log, timeout_s=timeout_s)
+        from flows.warm_start import ForkedStage
+
+        child_env = self._environment(env)
+        child = ForkedStage(module, args, child_env, self.cwd)
+        return self._supervise(child, stage, child_env, log, timeout_s)
 
     def run_command(
         self,
@@ -244,50 +319,55 @@ class ProcessRunner(StageRunner):
         log: LogFn | None = None,
         timeout_s: float | None = None,
     ) -> StageResult:
+        child_env = self._environment(env)
+        child = _Subprocess(command, child_env, self.cwd)
+        return self._supervise(child, stage, child_env, log, timeout_s)
+
+    @staticmethod
+    def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
         child_env = stage_environment(os.environ, env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed
+        return child_env
+
+    def _supervise(
+        self,
+        child: Any,
+        stage: str,
+        child_env: Mapping[str, str],
+        log: LogFn | None,
+        timeout_s: float | None,
+    ) -> StageResult:
+        """Stream ``child``'s output, enforce the timeout, kill it on any interruption."""
         collector = _LogCollector(stage, log or _default_log, secret_values(child_env))
         started = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            cwd=self.cwd,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,  # its own process group: a kill reaches its children too
-        )
         try:
-            finished = _pump(iter(process.stdout.readline, ""), collector, _deadline(timeout_s))
+            finished = _pump(child.lines(), collector, _deadline(timeout_s))
             if not finished:
-                self._kill(process)
+                self._kill(child)
                 raise collector.failed(None, f"timed out after {timeout_s:g} s and was killed")
-            returncode = process.wait()
+            returncode = child.wait()
         except BaseException:
-            # The reader thread may still hold stdout: it ends (and the pipe is closed
-            # with the Popen object) once the killed group's end of the pipe closes.
-            self._kill(process)
+            # The reader thread may still hold the output pipe: it ends (and the pipe is
+            # closed with the child object) once the killed group's end of it closes.
+            self._kill(child)
             raise
-        process.stdout.close()
+        child.close()
         return collector.finish(returncode, started)
 
-    def _kill(self, process: subprocess.Popen) -> None:
-        """SIGTERM to the whole process group, SIGKILL after ``kill_grace_s``."""
-        if process.poll() is not None:
-            return
+    def _kill(self, child: Any) -> None:
+        """SIGTERM to the child's whole process group, SIGKILL after ``kill_grace_s``."""
         for sig, grace in ((signal.SIGTERM, self.kill_grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
+            if child.poll() is not None:
                 return
             try:
-                process.wait(timeout=grace)
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:  # not yet its own group leader (just forked)
+                try:
+                    os.kill(child.pid, sig)
+                except ProcessLookupError:
+                    return
+            if child.wait(grace) is not None:
                 return
-            except subprocess.TimeoutExpired:
-                continue
 
 
 def _lines_of(chunks: Iterable[bytes]) -> Iterator[str]:
@@ -485,4 +565,4 @@ class DockerRunner(StageRunner):
 def make_runner(runner_config: RunnerConfig) -> ProcessRunner | DockerRunner:
     if runner_config.kind == "docker":
         return DockerRunner(runner_config.docker, user=runner_config.docker.user)
-    return ProcessRunner()
+    return ProcessRunner(warm_start=runner_config.warm_start)

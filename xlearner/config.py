@@ -247,6 +247,11 @@ class DockerRunnerConfig(StrictModel):
 
 class RunnerConfig(StrictModel):
     kind: Literal["process", "docker"] = "process"
+    warm_start: bool = Field(
+        default=True,
+        description="process runner: fork stages from an interpreter that has imported them "
+        "(saves seconds of imports per stage); off: a new `python -m stages.<name>` each",
+    )
     docker: DockerRunnerConfig = DockerRunnerConfig()
 
 

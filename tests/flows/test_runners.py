@@ -215,7 +215,65 @@ def test_redact_and_secret_values():
 
 
 def test_make_runner():
-    assert isinstance(make_runner(RunnerConfig()), ProcessRunner)
+    process_runner = make_runner(RunnerConfig())
+    assert isinstance(process_runner, ProcessRunner) and process_runner.warm_start
+    assert not make_runner(RunnerConfig(warm_start=False)).warm_start
     docker_runner = make_runner(RunnerConfig(kind="docker", docker={"image": "img:1", "gpus": -1}))
     assert isinstance(docker_runner, DockerRunner)
     assert docker_runner.config.image == "img:1" and docker_runner.config.gpus == -1
+
+
+# --- warm start: stages forked from the fork server that imported them -----------------
+
+PROBE = "tests.flows.stage_probe"
+
+
+def test_warm_start_runs_the_module_with_its_own_env_cwd_and_threads(tmp_path, monkeypatch):
+    runner = ProcessRunner(cwd=tmp_path, warm_start=True)
+    lines: list[str] = []
+    result = runner.run_module(
+        PROBE, ["--exit", "0"], stage="probe", env={"XL_PROBE": "given", "OMP_NUM_THREADS": "1"},
+        log=lines.append,
+    )  # fmt: skip
+    assert result.result == {
+        "argv": ["--exit", "0"],
+        "cwd": str(tmp_path),
+        "probe_env": "given",
+        "parent_only": None,
+        "threads": 1,
+        "preloaded": True,  # forked from the server that imported mlflow, not a new interpreter
+    }
+    assert "to stderr" in lines  # stderr is merged into the log, as with a subprocess
+    # The environment is this process's at the stage's start, not the server's at its start.
+    monkeypatch.setenv("XL_PARENT_ONLY", "later")
+    monkeypatch.chdir(tmp_path.parent)
+    again = ProcessRunner(warm_start=True).run_module(PROBE, [], stage="probe", log=lines.append)
+    assert again.result["parent_only"] == "later"
+    assert again.result["cwd"] == str(tmp_path.parent)
+
+
+def test_warm_start_propagates_exit_codes_and_kills_the_group_on_timeout():
+    runner = ProcessRunner(kill_grace_s=2, warm_start=True)
+    with pytest.raises(StageFailed, match="exit code 3") as info:
+        runner.run_module(PROBE, ["--exit", "3"], stage="probe", log=lambda _: None)
+    assert info.value.returncode == 3 and "to stderr" in info.value.log_tail
+
+    lines: list[str] = []
+    with pytest.raises(StageFailed, match="timed out after 3 s"):
+        runner.run_module(PROBE, ["--sleep-child"], stage="probe", log=lines.append, timeout_s=3)
+    grandchild = int(lines[0])
+    deadline = time.monotonic() + 5
+    while process_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(grandchild)
+
+
+def test_warm_start_runs_a_real_stage_and_reports_its_input_errors(tmp_path):
+    with pytest.raises(StageFailed) as info:
+        ProcessRunner(warm_start=True).run(
+            "ingest",
+            ["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")],
+            log=lambda _: None,
+        )
+    assert info.value.returncode == 2
+    assert "missing.yaml does not exist" in info.value.log_tail

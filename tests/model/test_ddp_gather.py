@@ -1,14 +1,19 @@
-"""A real 2-process CPU DDP run (gloo): the all-gathered NT-Xent equals the full-batch loss."""
+"""A real 2-process CPU DDP run (gloo): the all-gathered NT-Xent equals the full-batch loss.
+
+The workers run under ``torchrun --standalone`` in fresh interpreters (this file is their
+script): forking the pytest process, which by then holds Prefect's and MLflow's threads,
+made a worker exit with code 1 in full test runs.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from xlearner import distributed
 from xlearner.models.ssl import nt_xent_loss
@@ -24,21 +29,10 @@ def _embeddings() -> tuple[torch.Tensor, torch.Tensor]:
     return z1, z1 + 0.5 * torch.randn(BATCH, DIM, generator=gen)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
+def _worker(out_dir: str) -> None:
+    """One rank, launched by torchrun (which sets RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
     device = distributed.init_from_env("cpu")
     try:
         assert device == torch.device("cpu")
@@ -76,10 +70,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_gather_nt_xent_matches_single_process(tmp_path: Path) -> None:
-    # fork: the workers inherit the imported modules (spawn would re-import torch twice).
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(WORLD), __file__, str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     z1, z2 = (z.clone().requires_grad_() for z in _embeddings())
@@ -123,3 +120,7 @@ def test_helpers_without_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="torchrun"):
         distributed.init_from_env("cpu")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
