@@ -12,10 +12,13 @@ environment, working folder, process group and output pipe.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
+import re
 import runpy
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
@@ -60,8 +63,14 @@ def _stage_main(
     if "OMP_NUM_THREADS" in env and "torch" in sys.modules:  # torch read it at import
         sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [module, *args]
-    # The stage's `sys.exit(main())` ends the child with the stage's exit code.
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    # The preloaded module is run again as __main__, which is what `python -m` runs.
+    warnings.filterwarnings("ignore", re.escape(f"'{module}' found in sys.modules"), RuntimeWarning)
+    try:  # the stage's `sys.exit(main())` ends the child with the stage's exit code
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        # multiprocessing ends children with os._exit: run the atexit handlers (temporary
+        # folders, MLflow's active run, ...) as an interpreter exiting normally does.
+        atexit._run_exitfuncs()
 
 
 class ForkedStage:

@@ -1,13 +1,15 @@
 """A stand-in stage for the warm-start runner tests: ``python -m tests.flows.stage_probe``.
 
 Prints its working folder, arguments, an environment variable and torch's thread count as
-a result line; ``--sleep-child`` first starts a ``sleep 60`` child and prints its pid, then
-waits (a stage that only a kill ends); ``--exit N`` exits with N after printing.
+a result line, then a line from an atexit handler. ``--sleep-child`` first starts a
+``sleep 60`` child, prints its pid and waits (a stage that only a kill ends); ``--exit N``
+exits with N after printing.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ import sys
 
 
 def main() -> int:
+    atexit.register(print, "atexit handler ran", flush=True)
     parser = argparse.ArgumentParser()
     parser.add_argument("--exit", type=int, default=0)
     parser.add_argument("--sleep-child", action="store_true")

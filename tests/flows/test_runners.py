@@ -244,6 +244,7 @@ def test_warm_start_runs_the_module_with_its_own_env_cwd_and_threads(tmp_path, m
         "preloaded": True,  # forked from the server that imported mlflow, not a new interpreter
     }
     assert "to stderr" in lines  # stderr is merged into the log, as with a subprocess
+    assert lines[-1] == "atexit handler ran"  # the child exits like an interpreter
     # The environment is this process's at the stage's start, not the server's at its start.
     monkeypatch.setenv("XL_PARENT_ONLY", "later")
     monkeypatch.chdir(tmp_path.parent)
@@ -277,3 +278,4 @@ def test_warm_start_runs_a_real_stage_and_reports_its_input_errors(tmp_path):
         )
     assert info.value.returncode == 2
     assert "missing.yaml does not exist" in info.value.log_tail
+    assert "RuntimeWarning" not in info.value.log_tail  # runpy's, on running a loaded module
