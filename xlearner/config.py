@@ -183,6 +183,11 @@ class SqueezeConfig(StrictModel):
     )
     levels: list[int] = Field(default=[4], description="Feature levels matched (1..4 = C2..C5)")
     task_loss_weight: float = Field(default=0.0, ge=0)
+    target_weights: dict[TaskType, float] = Field(
+        default_factory=dict,
+        description="Weight of each task's sub-backbone in the FitNet sum (default 1 each), "
+        "e.g. {mim: 0.5, contrastive: 0.5}",
+    )
     train: TrainConfig = TrainConfig(steps=200)
 
     @field_validator("levels")
@@ -192,6 +197,14 @@ class SqueezeConfig(StrictModel):
         if bad or not levels:
             raise ValueError(f"levels must be a non-empty subset of 1..4 (C2..C5); got {levels}")
         return sorted(set(levels))
+
+    @field_validator("target_weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[TaskType, float]) -> dict[TaskType, float]:
+        negative = sorted(t.value for t, w in weights.items() if w < 0)
+        if negative:
+            raise ValueError(f"weights must be >= 0; negative for {negative}")
+        return weights
 
     @field_validator("student")
     @classmethod
@@ -319,6 +332,12 @@ class PipelineConfig(StrictModel):
                 f"tasks: {orphan} have hyper-parameters but no source feeds them; "
                 f"tasks fed by the sources: {sorted(t.value for t in fed)}"
             )
+        unweighed = sorted(t.value for t in self.squeeze.target_weights if t not in fed)
+        if unweighed:
+            raise ValueError(
+                f"squeeze.target_weights: {unweighed} are not tasks of this pipeline; "
+                f"tasks fed by the sources: {sorted(t.value for t in fed)}"
+            )
         ssl_variants = [v for v in (self.variant, *self.compare) if v == Variant.no_ssl]
         if ssl_variants and not fed & SELF_SUPERVISED:
             raise ValueError(
@@ -341,6 +360,15 @@ class PipelineConfig(StrictModel):
             update={
                 "sources": sources,
                 "tasks": {t: c for t, c in self.tasks.items() if t not in SELF_SUPERVISED},
+                "squeeze": self.squeeze.model_copy(
+                    update={
+                        "target_weights": {
+                            t: w
+                            for t, w in self.squeeze.target_weights.items()
+                            if t not in SELF_SUPERVISED
+                        }
+                    }
+                ),
                 "variant": Variant.xlearner,
                 "compare": [],
             }

@@ -109,6 +109,18 @@ def test_no_ssl_variant_drops_the_self_supervised_tasks_and_their_only_sources()
     assert TaskType.mim not in plain.tasks and plain.compare == []
 
 
+def test_squeeze_target_weights_name_tasks_of_the_pipeline(tmp_path):
+    cfg = load_config(
+        QUICKSTART.with_name("ssl.yaml"), ["squeeze.target_weights={mim: 0.5, cls: 2}"]
+    )
+    assert cfg.squeeze.target_weights == {TaskType.mim: 0.5, TaskType.cls: 2.0}
+    assert cfg.without_ssl().squeeze.target_weights == {TaskType.cls: 2.0}  # mim is gone
+    with pytest.raises(ConfigError, match=r"squeeze.target_weights: \['mim'\] are not tasks"):
+        load_config(QUICKSTART, ["squeeze.target_weights={mim: 0.5}"])
+    with pytest.raises(ConfigError, match=r"squeeze.target_weights.*negative for \['cls'\]"):
+        load_config(QUICKSTART, ["squeeze.target_weights={cls: -1}"])
+
+
 def test_no_ssl_variant_needs_a_self_supervised_task(tmp_path):
     with pytest.raises(ConfigError, match="no source feeds mim or contrastive"):
         load_config(write(tmp_path, {**base(), "compare": ["no_ssl"]}))

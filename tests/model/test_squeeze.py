@@ -170,6 +170,26 @@ def test_adapters_one_per_task_and_level_and_only_student_side_trains():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_target_weights_scale_each_sub_backbones_share_of_the_fitnet_sum():
+    teacher, images = reconciled_teacher(), torch.rand(4, 3, SIZE, SIZE)
+
+    def distill_loss(weights: dict[str, float]) -> float:
+        torch.manual_seed(1)  # the same student and adapters every time
+        objective = DistillationObjective(
+            teacher, create_backbone("tiny_resnet"), levels=[3, 4], target_weights=weights
+        )
+        with torch.no_grad():
+            return float(objective.eval()(images, "a:cls")["distill"])
+
+    both, without_multilabel = distill_loss({}), distill_loss({"multilabel": 0.0})
+    assert both > without_multilabel > 0
+    # weight 3 adds twice the multilabel share once more
+    tripled = distill_loss({"multilabel": 3.0})
+    assert tripled == pytest.approx(both + 2 * (both - without_multilabel), rel=1e-5)
+    with pytest.raises(ValueError, match=r"target weights for \['mim'\]"):
+        DistillationObjective(teacher, create_backbone("tiny_resnet"), target_weights={"mim": 1})
+
+
 def test_single_trunk_teacher_is_matched_as_one_feature_set():
     objective = DistillationObjective(
         single_teacher(), create_backbone("tiny_resnet"), levels=[1, 4]

@@ -219,7 +219,7 @@ def _backbone_files(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_backbone_spec(path: str | Path) -> dict[str, Any]:
-    """The validated ``backbone.json`` of a backbone folder (or of one of its files)."""
+    """The ``backbone.json`` of a backbone folder (or of one of its files), format checked."""
     spec_path, _ = _backbone_files(path)
     if not spec_path.is_file():
         raise BackboneError(f"{spec_path} is missing: not a backbone folder (see save_backbone)")
@@ -233,29 +233,22 @@ def read_backbone_spec(path: str | Path) -> dict[str, Any]:
             f"{spec_path}: not a backbone spec: field 'format' is {found!r}, "
             f"expected {BACKBONE_FORMAT!r}"
         )
-    if spec.get("architecture") not in _REGISTRY:
-        raise BackboneError(
-            f"{spec_path}: unknown architecture {spec.get('architecture')!r}; "
-            f"available: {available_backbones()}"
-        )
     return spec
-
-
-def _peek_architecture(spec_path: Path) -> Any:
-    try:
-        return json.loads(spec_path.read_text()).get("architecture")
-    except (OSError, ValueError, AttributeError):
-        return None  # read_backbone_spec reports what is wrong
 
 
 def load_backbone(path: str | Path) -> Backbone:
     """Rebuild a backbone saved by :func:`save_backbone` (a folder or one of its files)."""
     spec_path, weights_path = _backbone_files(path)
-    if _peek_architecture(spec_path) == PRUNED_ARCHITECTURE:  # squeeze.method: prune
+    spec = read_backbone_spec(spec_path)
+    if spec.get("architecture") == PRUNED_ARCHITECTURE:  # squeeze.method: prune
         from xlearner.squeeze.pruned_backbone import load_pruned_backbone
 
         return load_pruned_backbone(spec_path)
-    spec = read_backbone_spec(spec_path)
+    if spec.get("architecture") not in _REGISTRY:
+        raise BackboneError(
+            f"{spec_path}: unknown architecture {spec.get('architecture')!r}; "
+            f"available: {available_backbones()}"
+        )
     backbone = create_backbone(spec["architecture"])
     if list(spec.get("channels", [])) != list(backbone.channels):
         raise BackboneError(

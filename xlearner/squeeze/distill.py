@@ -119,13 +119,16 @@ def _matching_loss(
     targets: Mapping[str, list[Tensor]],
     adapters: nn.ModuleDict,
     levels: Sequence[int],
+    weights: Mapping[str, float] | None = None,
 ) -> Tensor:
+    """Sum over targets and levels of the FitNet MSE; ``weights`` per target (default 1)."""
+    weights = weights or {}
     total = student[0].new_zeros((), dtype=torch.float32)
     for name, features in targets.items():
         for level in levels:
             target = features[level - 1]
             adapted = adapters[name][level_name(level)].match(student[level - 1], target.shape[-2:])
-            total = total + feature_mse(adapted, target)
+            total = total + weights.get(name, 1.0) * feature_mse(adapted, target)
     return total
 
 
@@ -144,6 +147,7 @@ class DistillationObjective(nn.Module):
         task_loss_weight: float = 0.0,
         hints: Mapping[str, nn.Module] | None = None,
         hint_weight: float = 1.0,
+        target_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         bad = [level for level in levels if level not in ALL_LEVELS]
@@ -159,7 +163,17 @@ class DistillationObjective(nn.Module):
         self.single_trunk = isinstance(teacher.trunk, Backbone)
         # The task loss feeds the heads all four levels, so it needs adapters at every level.
         adapter_levels = ALL_LEVELS if task_loss_weight > 0 else self.levels
-        self.adapters = _adapters(student.channels, teacher_channels(teacher), adapter_levels)
+        targets = teacher_channels(teacher)
+        self.adapters = _adapters(student.channels, targets, adapter_levels)
+        # Per-task weights apply to an expanded teacher's sub-backbones; a single trunk
+        # (hard sharing) is one target whatever the tasks.
+        self.target_weights = {} if self.single_trunk else dict(target_weights or {})
+        unknown = sorted(set(self.target_weights) - set(targets))
+        if unknown:
+            raise ValueError(
+                f"target weights for {unknown}, but the teacher's sub-backbones are "
+                f"{sorted(targets)}"
+            )
         self.heads = nn.ModuleDict()
         if task_loss_weight > 0:
             self.heads = copy.deepcopy(teacher.heads)
@@ -191,7 +205,11 @@ class DistillationObjective(nn.Module):
         student = self.student(images)
         losses = {
             "distill": _matching_loss(
-                student, self.teacher_features(images), self.adapters, self.levels
+                student,
+                self.teacher_features(images),
+                self.adapters,
+                self.levels,
+                self.target_weights,
             )
         }
         if len(self.hints):
@@ -290,7 +308,13 @@ def distill(
     student = create_backbone(student_arch)
     check_student_size(student, teacher, student_arch)
     objective = DistillationObjective(
-        teacher, student, cfg.levels, cfg.task_loss_weight, hints=hints, hint_weight=hint_weight
+        teacher,
+        student,
+        cfg.levels,
+        cfg.task_loss_weight,
+        hints=hints,
+        hint_weight=hint_weight,
+        target_weights=cfg.target_weights,
     )
     metrics = train_objective(
         objective, streams, cfg, engine_cfg, seed, name, checkpointer, on_metrics

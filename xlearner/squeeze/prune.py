@@ -156,7 +156,9 @@ def prune(
         f"in {time.perf_counter() - started:.1f}s"
     )
     torch.manual_seed(seed)
-    objective = DistillationObjective(teacher, pruned, cfg.levels, cfg.task_loss_weight)
+    objective = DistillationObjective(
+        teacher, pruned, cfg.levels, cfg.task_loss_weight, target_weights=cfg.target_weights
+    )
     report = train_objective(
         objective, streams, cfg, engine_cfg, seed, name, checkpointer, on_metrics
     )

@@ -30,6 +30,7 @@ from xlearner.models.backbones import (
     WEIGHTS_FILE,
     BackboneError,
     count_parameters,
+    read_backbone_spec,
 )
 from xlearner.models.multitask import build_trunk
 from xlearner.models.reconciliation import NUM_STAGES, ReconciledNetwork
@@ -135,12 +136,7 @@ def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
 
 
 def _read_spec(spec_path: Path) -> dict[str, Any]:
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BackboneError(f"{spec_path}: not a readable backbone spec ({err})") from None
-    if not isinstance(spec, dict) or spec.get("format") != BACKBONE_FORMAT:
-        raise BackboneError(f"{spec_path}: field 'format' must be {BACKBONE_FORMAT!r}")
+    spec = read_backbone_spec(spec_path)
     if spec.get("architecture") != PRUNED_ARCHITECTURE:
         raise BackboneError(
             f"{spec_path}: field 'architecture' is {spec.get('architecture')!r}, expected "
