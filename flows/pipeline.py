@@ -195,14 +195,20 @@ class Plan:
         ``sources``: the sources it trains on (default all), so that a change to another
         source does not re-run it.
         """
+        chosen = [s for s in self.cfg.sources if sources is None or s.name in sources]
         return {
             "model": self.cfg.model.model_dump(mode="json"),
+            "heads": {  # only the options of the heads it trains (the SSL ones have some)
+                t.value: options
+                for s in chosen
+                for t in s.resolved_tasks
+                if (options := self.cfg.heads.options(t))
+            },
             "engine": self.cfg.engine.model_dump(mode="json", exclude={"log_every_steps"}),
             "seed": self.cfg.seed,
             "sources": [
                 {**s.model_dump(mode="json", exclude={"uri"}), "tasks": s.resolved_tasks}
-                for s in self.cfg.sources
-                if sources is None or s.name in sources
+                for s in chosen
             ],
             "extra": extra,
         }

@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from xlearner.config import DockerRunnerConfig, RunnerConfig
 
@@ -222,6 +222,17 @@ class StageRunner:
         raise NotImplementedError
 
 
+class ChildProcess(Protocol):
+    """A running stage as the process runner supervises it (a subprocess or a fork)."""
+
+    pid: int  # also its process group id
+
+    def lines(self) -> Iterator[str]: ...  # its merged stdout and stderr, line by line
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...  # None: still running
+    def close(self) -> None: ...
+
+
 class _Subprocess:
     """``python -m stages.<name>`` (or any command) as a child process in its own session."""
 
@@ -331,7 +342,7 @@ class ProcessRunner(StageRunner):
 
     def _supervise(
         self,
-        child: Any,
+        child: ChildProcess,
         stage: str,
         child_env: Mapping[str, str],
         log: LogFn | None,
@@ -354,7 +365,7 @@ class ProcessRunner(StageRunner):
         child.close()
         return collector.finish(returncode, started)
 
-    def _kill(self, child: Any) -> None:
+    def _kill(self, child: ChildProcess) -> None:
         """SIGTERM to the child's whole process group, SIGKILL after ``kill_grace_s``."""
         for sig, grace in ((signal.SIGTERM, self.kill_grace_s), (signal.SIGKILL, 10.0)):
             if child.poll() is not None:

@@ -74,7 +74,7 @@ def _stage_main(
 
 
 class ForkedStage:
-    """A running stage forked from the fork server: the same surface as a ``Popen``."""
+    """A running stage forked from the fork server (a :class:`flows.runners.ChildProcess`)."""
 
     def __init__(
         self, module: str, args: list[str], env: Mapping[str, str], cwd: str | os.PathLike | None

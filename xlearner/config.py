@@ -157,6 +157,33 @@ class ModelConfig(StrictModel):
         return name
 
 
+class MIMHeadConfig(StrictModel):
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1, description="share of patches masked")
+    patch_size: int | None = Field(
+        default=None, ge=1, description="side of a masked patch in pixels; default image_size // 8"
+    )
+
+
+class ContrastiveHeadConfig(StrictModel):
+    projection_dim: int = Field(default=128, ge=1)
+    hidden_dim: int | None = Field(
+        default=None, ge=1, description="projection MLP width; default: the C5 channels"
+    )
+    temperature: float = Field(default=0.2, gt=0, description="NT-Xent temperature")
+
+
+class HeadsConfig(StrictModel):
+    """Options of the self-supervised heads (docs/ssl.md); supervised heads have none."""
+
+    mim: MIMHeadConfig = MIMHeadConfig()
+    contrastive: ContrastiveHeadConfig = ContrastiveHeadConfig()
+
+    def options(self, task: str) -> dict[str, Any]:
+        """Keyword arguments of ``create_head`` for ``task`` ({} for supervised tasks)."""
+        section = getattr(self, str(task), None)
+        return section.model_dump() if isinstance(section, BaseModel) else {}
+
+
 class ReconcileConfig(StrictModel):
     mode: Literal["full", "same_level", "none"] = Field(
         default="full",
@@ -305,6 +332,7 @@ class PipelineConfig(StrictModel):
     sources: list[SourceConfig]
     downstream: list[DownstreamConfig] = Field(default_factory=list)
     model: ModelConfig = ModelConfig()
+    heads: HeadsConfig = HeadsConfig()
     tasks: dict[TaskType, TrainConfig] = Field(
         default_factory=dict, description="Per-task hyper-parameters of the expansion stage."
     )

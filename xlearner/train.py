@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from xlearner.config import PipelineConfig, TaskType, TrainConfig
+from xlearner.config import HeadsConfig, PipelineConfig, TaskType, TrainConfig
 from xlearner.data.shards import ShardDataset, collate_fn
 from xlearner.engine import Checkpointer, MetricsCallback, Stream, Trainer, evaluate
 from xlearner.models.backbones import load_backbone
@@ -73,10 +73,14 @@ def load_streams(
     return streams
 
 
-def stream_specs(streams: list[Stream]) -> dict[str, dict]:
-    return {
-        s.name: {"task": s.task, "num_classes": getattr(s.train, "num_classes", 0)} for s in streams
-    }
+def stream_specs(streams: list[Stream], heads: HeadsConfig) -> dict[str, dict]:
+    """The model spec's streams: task, classes and head options (saved with the model)."""
+    specs = {}
+    for s in streams:
+        specs[s.name] = {"task": s.task, "num_classes": getattr(s.train, "num_classes", 0)}
+        if options := heads.options(s.task):
+            specs[s.name]["options"] = options
+    return specs
 
 
 def count_images(streams: list[Stream]) -> int:
@@ -125,7 +129,7 @@ def build_single_trunk_model(
     return build_model(
         {
             "trunk": backbone_trunk_spec(architecture or cfg.model.backbone),
-            "streams": stream_specs(streams),
+            "streams": stream_specs(streams, cfg.heads),
             "image_size": cfg.model.image_size,
         }
     )
@@ -146,7 +150,7 @@ def build_reconciled_model(
         "trunk": reconciled_trunk_spec(
             architectures, mode, cfg.reconcile.detach_other_tasks, cfg.reconcile.receive_stages
         ),
-        "streams": stream_specs(streams),
+        "streams": stream_specs(streams, cfg.heads),
         "image_size": cfg.model.image_size,
     }
     model = build_model(spec)

@@ -109,6 +109,16 @@ def test_no_ssl_variant_drops_the_self_supervised_tasks_and_their_only_sources()
     assert TaskType.mim not in plain.tasks and plain.compare == []
 
 
+def test_ssl_head_options_are_config_fields():
+    cfg = load_config(
+        QUICKSTART, ["heads.mim.mask_ratio=0.75", "heads.contrastive.temperature=0.1"]
+    )
+    assert cfg.heads.options("mim") == {"mask_ratio": 0.75, "patch_size": None}
+    assert cfg.heads.options("contrastive")["temperature"] == 0.1
+    with pytest.raises(ConfigError, match="heads.mim.mask_ratio"):
+        load_config(QUICKSTART, ["heads.mim.mask_ratio=1.5"])
+
+
 def test_squeeze_target_weights_name_tasks_of_the_pipeline(tmp_path):
     cfg = load_config(
         QUICKSTART.with_name("ssl.yaml"), ["squeeze.target_weights={mim: 0.5, cls: 2}"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
+from xlearner.config import HeadsConfig
 from xlearner.metrics import MeanLoss
 from xlearner.models.backbones import create_backbone
 from xlearner.models.heads import create_head
+from xlearner.models.multitask import backbone_trunk_spec, build_model, load_model, save_model
 from xlearner.models.ssl import (
     ContrastiveHead,
     MIMHead,
@@ -267,3 +270,30 @@ def test_heads_under_bf16_autocast_keep_pixels_and_losses_in_float32():
             losses = head(backbone(inputs), images, {}, ctx)
         assert inputs.dtype == torch.float32
         assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_pipeline_head_options_default_to_the_heads_own_defaults():
+    """`heads:` in the config shows the real defaults; they must not drift from the heads'."""
+    for task, head_class in (("mim", MIMHead), ("contrastive", ContrastiveHead)):
+        signature = inspect.signature(head_class.__init__).parameters
+        for name, value in HeadsConfig().options(task).items():
+            assert signature[name].default == value, (task, name)
+    assert HeadsConfig().options("cls") == {}
+
+
+def test_head_options_of_a_model_spec_build_the_heads_and_survive_a_save(tmp_path):
+    spec = {
+        "trunk": backbone_trunk_spec("tiny_resnet"),
+        "streams": {
+            "raw:mim": {"task": "mim", "options": {"mask_ratio": 0.75, "patch_size": 4}},
+            "raw:contrastive": {"task": "contrastive", "options": {"temperature": 0.5}},
+        },
+        "image_size": SIZE,
+    }
+    model = build_model(spec)
+    assert (model.heads["raw:mim"].mask_ratio, model.heads["raw:mim"].patch_size) == (0.75, 4)
+    assert model.heads["raw:contrastive"].temperature == 0.5
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    assert again.heads["raw:mim"].mask_ratio == 0.75
+    assert again.heads["raw:contrastive"].temperature == 0.5

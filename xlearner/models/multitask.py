@@ -104,7 +104,8 @@ def trunk_channels(trunk: nn.Module, task: str) -> tuple[int, ...]:
 
 
 def build_model(spec: dict) -> MultiTaskModel:
-    """``spec`` = {"trunk": ..., "streams": {name: {"task", "num_classes"}}, "image_size"}."""
+    """``spec`` = {"trunk": ..., "streams": {name: {"task", "num_classes", "options"?}},
+    "image_size"}; ``options``: keyword arguments of the head (MIM mask ratio, ...)."""
     trunk = build_trunk(spec["trunk"])
     heads = {
         name: create_head(
@@ -112,6 +113,7 @@ def build_model(spec: dict) -> MultiTaskModel:
             trunk_channels(trunk, s["task"]),
             s.get("num_classes", 0),
             spec["image_size"],
+            **s.get("options", {}),
         )
         for name, s in spec["streams"].items()
     }
