@@ -89,7 +89,8 @@ class ForkedStage:
         self._process.start()
         writer.close()  # the child (and its children) hold the only write ends: EOF at exit
         self._reader = reader
-        self._output = open(reader.fileno(), errors="replace", closefd=False)  # noqa: SIM115 (closed in close())
+        # Read as text, line by line; closed (with the pipe) in close().
+        self._output = open(reader.fileno(), errors="replace", closefd=False)  # noqa: SIM115
         self.pid: int = self._process.pid
 
     def lines(self) -> Iterator[str]:
