@@ -122,6 +122,9 @@ CANCELLED_CHILD = textwrap.dedent("""
         raise TerminationSignal(signum)
 
     signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C raises KeyboardInterrupt even where this test runs as a background job
+    # (`cmd &` starts with SIGINT ignored, and Python then installs no handler for it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     image, stage = sys.argv[1:]
     runner = DockerRunner(DockerRunnerConfig(image=image), stop_timeout_s=2)
     command = ["sh", "-c", "echo started; sleep 120"]
@@ -143,9 +146,7 @@ def test_cancelled_run_stops_and_removes_the_container(docker_engine, sig):
         assert child.stdout.readline().strip() == "started", child.stderr.read()
         assert [c.status for c in stage_containers(docker_engine, stage)] == ["running"]
         child.send_signal(sig)
-        # stop (2 s grace) + forced removal: seconds, but a vfs-backed engine on a loaded
-        # 2-core machine took over 20 s once in CI
-        _, stderr = child.communicate(timeout=90)
+        _, stderr = child.communicate(timeout=20)
     finally:
         child.kill()
     assert child.returncode != 0
