@@ -270,10 +270,10 @@ class _Subprocess:
 class ProcessRunner(StageRunner):
     """Runs a stage as a local child process of ``python`` (default: this interpreter).
 
-    With ``warm_start`` a stage is forked from an interpreter that has imported the
-    stages already (:mod:`flows.warm_start`) instead of started as a new ``python -m
-    stages.<name>``: the same code and arguments without the seconds of imports (only
-    for this interpreter's ``python``). ``run_command`` always starts a new process.
+    With ``warm_start`` a ``python -m <module> ...`` command of this interpreter (a stage
+    command is one) is forked from an interpreter that has imported the stages already
+    (:mod:`flows.warm_start`) instead of started anew: the same code and arguments
+    without the seconds of imports. Other commands always start a new process.
     """
 
     def __init__(
@@ -288,39 +288,6 @@ class ProcessRunner(StageRunner):
         self.kill_grace_s = kill_grace_s
         self.warm_start = warm_start and python == sys.executable
 
-    def run(
-        self,
-        stage: str,
-        args: list[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-    ) -> StageResult:
-        return self.run_module(
-            f"stages.{stage}", args, stage=stage, env=env, log=log, timeout_s=timeout_s
-        )
-
-    def run_module(
-        self,
-        module: str,
-        args: list[str],
-        *,
-        stage: str,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-    ) -> StageResult:
-        """``python -m module args`` under the stage protocol, forked when ``warm_start``."""
-        if not self.warm_start:
-            command = [self.python, "-m", module, *args]
-            return self.run_command(command, stage=stage, env=env, log=log, timeout_s=timeout_s)
-        from flows.warm_start import ForkedStage
-
-        child_env = self._environment(env)
-        child = ForkedStage(module, args, child_env, self.cwd)
-        return self._supervise(child, stage, child_env, log, timeout_s)
-
     def run_command(
         self,
         command: list[str],
@@ -330,27 +297,12 @@ class ProcessRunner(StageRunner):
         log: LogFn | None = None,
         timeout_s: float | None = None,
     ) -> StageResult:
-        child_env = self._environment(env)
-        child = _Subprocess(command, child_env, self.cwd)
-        return self._supervise(child, stage, child_env, log, timeout_s)
-
-    @staticmethod
-    def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
+        """Stream the child's output, enforce the timeout, kill it on any interruption."""
         child_env = stage_environment(os.environ, env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed
-        return child_env
-
-    def _supervise(
-        self,
-        child: ChildProcess,
-        stage: str,
-        child_env: Mapping[str, str],
-        log: LogFn | None,
-        timeout_s: float | None,
-    ) -> StageResult:
-        """Stream ``child``'s output, enforce the timeout, kill it on any interruption."""
         collector = _LogCollector(stage, log or _default_log, secret_values(child_env))
         started = time.monotonic()
+        child = self._start(command, child_env)
         try:
             finished = _pump(child.lines(), collector, _deadline(timeout_s))
             if not finished:
@@ -364,6 +316,13 @@ class ProcessRunner(StageRunner):
             raise
         child.close()
         return collector.finish(returncode, started)
+
+    def _start(self, command: list[str], env: dict[str, str]) -> ChildProcess:
+        if self.warm_start and len(command) > 2 and command[:2] == [self.python, "-m"]:
+            from flows.warm_start import ForkedStage
+
+            return ForkedStage(command[2], command[3:], env, self.cwd)
+        return _Subprocess(command, env, self.cwd)
 
     def _kill(self, child: ChildProcess) -> None:
         """SIGTERM to the child's whole process group, SIGKILL after ``kill_grace_s``."""

@@ -225,14 +225,14 @@ def test_make_runner():
 
 # --- warm start: stages forked from the fork server that imported them -----------------
 
-PROBE = "tests.flows.stage_probe"
+PROBE = [sys.executable, "-m", "tests.flows.stage_probe"]  # forked under warm start
 
 
 def test_warm_start_runs_the_module_with_its_own_env_cwd_and_threads(tmp_path, monkeypatch):
     runner = ProcessRunner(cwd=tmp_path, warm_start=True)
     lines: list[str] = []
-    result = runner.run_module(
-        PROBE, ["--exit", "0"], stage="probe", env={"XL_PROBE": "given", "OMP_NUM_THREADS": "1"},
+    result = runner.run_command(
+        [*PROBE, "--exit", "0"], stage="probe", env={"XL_PROBE": "given", "OMP_NUM_THREADS": "1"},
         log=lines.append,
     )  # fmt: skip
     assert result.result == {
@@ -248,7 +248,7 @@ def test_warm_start_runs_the_module_with_its_own_env_cwd_and_threads(tmp_path, m
     # The environment is this process's at the stage's start, not the server's at its start.
     monkeypatch.setenv("XL_PARENT_ONLY", "later")
     monkeypatch.chdir(tmp_path.parent)
-    again = ProcessRunner(warm_start=True).run_module(PROBE, [], stage="probe", log=lines.append)
+    again = ProcessRunner(warm_start=True).run_command(PROBE, stage="probe", log=lines.append)
     assert again.result["parent_only"] == "later"
     assert again.result["cwd"] == str(tmp_path.parent)
 
@@ -256,12 +256,12 @@ def test_warm_start_runs_the_module_with_its_own_env_cwd_and_threads(tmp_path, m
 def test_warm_start_propagates_exit_codes_and_kills_the_group_on_timeout():
     runner = ProcessRunner(kill_grace_s=2, warm_start=True)
     with pytest.raises(StageFailed, match="exit code 3") as info:
-        runner.run_module(PROBE, ["--exit", "3"], stage="probe", log=lambda _: None)
+        runner.run_command([*PROBE, "--exit", "3"], stage="probe", log=lambda _: None)
     assert info.value.returncode == 3 and "to stderr" in info.value.log_tail
 
     lines: list[str] = []
     with pytest.raises(StageFailed, match="timed out after 3 s"):
-        runner.run_module(PROBE, ["--sleep-child"], stage="probe", log=lines.append, timeout_s=3)
+        runner.run_command([*PROBE, "--sleep-child"], stage="probe", log=lines.append, timeout_s=3)
     grandchild = int(lines[0])
     deadline = time.monotonic() + 5
     while process_alive(grandchild) and time.monotonic() < deadline:
