@@ -379,24 +379,21 @@ class PipelineConfig(StrictModel):
 
     def without_ssl(self) -> PipelineConfig:
         """This config minus the self-supervised tasks (and the sources that fed only them)."""
+
+        def supervised(per_task: dict[TaskType, Any]) -> dict[TaskType, Any]:
+            return {t: v for t, v in per_task.items() if t not in SELF_SUPERVISED}
+
         sources = []
         for source in self.sources:
             tasks = [t for t in source.resolved_tasks if t not in SELF_SUPERVISED]
             if tasks:
                 sources.append(source.model_copy(update={"tasks": tasks}))
+        weights = supervised(self.squeeze.target_weights)
         return self.model_copy(
             update={
                 "sources": sources,
-                "tasks": {t: c for t, c in self.tasks.items() if t not in SELF_SUPERVISED},
-                "squeeze": self.squeeze.model_copy(
-                    update={
-                        "target_weights": {
-                            t: w
-                            for t, w in self.squeeze.target_weights.items()
-                            if t not in SELF_SUPERVISED
-                        }
-                    }
-                ),
+                "tasks": supervised(self.tasks),
+                "squeeze": self.squeeze.model_copy(update={"target_weights": weights}),
                 "variant": Variant.xlearner,
                 "compare": [],
             }
