@@ -115,8 +115,9 @@ def test_ssl_head_options_are_config_fields():
     )
     assert cfg.heads.options("mim") == {"mask_ratio": 0.75, "patch_size": None}
     assert cfg.heads.options("contrastive")["temperature"] == 0.1
-    with pytest.raises(ConfigError, match="heads.mim.mask_ratio"):
+    with pytest.raises(ConfigError, match="heads.mim.mask_ratio") as err:
         load_config(QUICKSTART, ["heads.mim.mask_ratio=1.5"])
+    assert str(QUICKSTART) in str(err.value)  # the file it came from
 
 
 def test_squeeze_target_weights_name_tasks_of_the_pipeline(tmp_path):
@@ -125,10 +126,14 @@ def test_squeeze_target_weights_name_tasks_of_the_pipeline(tmp_path):
     )
     assert cfg.squeeze.target_weights == {TaskType.mim: 0.5, TaskType.cls: 2.0}
     assert cfg.without_ssl().squeeze.target_weights == {TaskType.cls: 2.0}  # mim is gone
-    with pytest.raises(ConfigError, match=r"squeeze.target_weights: \['mim'\] are not tasks"):
+    with pytest.raises(
+        ConfigError, match=r"squeeze.target_weights: \['mim'\] are not tasks"
+    ) as err:
         load_config(QUICKSTART, ["squeeze.target_weights={mim: 0.5}"])
-    with pytest.raises(ConfigError, match=r"squeeze.target_weights.*negative for \['cls'\]"):
+    assert str(QUICKSTART) in str(err.value)
+    with pytest.raises(ConfigError, match=r"squeeze.target_weights.*negative for \['cls'\]") as err:
         load_config(QUICKSTART, ["squeeze.target_weights={cls: -1}"])
+    assert str(QUICKSTART) in str(err.value)
 
 
 def test_no_ssl_variant_needs_a_self_supervised_task(tmp_path):
