@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.stack import SeaweedFS  # noqa: E402
+from devstack import SeaweedFS  # noqa: E402
 from xlearner.config import SourceConfig  # noqa: E402
 from xlearner.data.ingest import ingest_source  # noqa: E402
 from xlearner.data.synth import SPECS, synthesize  # noqa: E402

@@ -1,10 +1,18 @@
-"""Training throughput of the engine against a plain reference loop, side by side.
+"""Training throughput of the engine against plain reference loops, side by side.
 
 Same model (a backbone + classification head), same batch, same data in memory. The
-reference is the torchvision-references style loop (forward, loss, backward, step) in
-fp32; the engine runs with its own settings (bf16 + channels_last on CUDA by default).
-Rounds alternate reference/engine so that machine noise hits both alike; the median
-images/s of each is reported with the ratio.
+references are the torchvision-references style loop (forward, loss, backward, step)
+on one batch kept on the device:
+
+- ``fp32``: plain fp32, contiguous;
+- ``same``: at the engine's precision and memory layout (bf16 autocast + channels_last
+  on CUDA by default), so ``engine / same`` is the engine's own cost (sampling, loading
+  and collating every batch, the copy to the device, loss bookkeeping, progress), apart
+  from what bf16/channels_last buy (``same / fp32``). On CPU both references are one.
+
+The engine loads every batch from the in-memory data set through its DataLoader
+(``--workers``, default 0). Rounds alternate the variants so that machine noise hits
+them alike; the median images/s of each is reported with the ratios.
 
     python bench/train_step.py                                     # CPU, tiny_resnet
     python bench/train_step.py --arch resnet50 --batch 256 --image-size 224 --device cuda
@@ -20,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xlearner.config import EngineConfig, TrainConfig
-from xlearner.engine import Stream, Trainer
+from xlearner.engine import Precision, Stream, Trainer
 from xlearner.models.multitask import backbone_trunk_spec, build_model
 
 
@@ -59,17 +67,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reference_round(model, data: InMemory, batch: int, steps: int, device: torch.device) -> float:
-    """The plain loop: fp32, a fixed batch already on the device."""
+def reference_round(
+    model, data: InMemory, batch: int, steps: int, device: torch.device, precision: Precision
+) -> float:
+    """The plain loop at ``precision`` (dtype, layout): a fixed batch already on the device."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, targets = collate([data[i] for i in range(batch)])
     images, targets = images.to(device), {"label": targets["label"].to(device)}
+    if precision.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     model.train()
     for step in range(steps + 2):
         if step == 2:  # warm-up done
             sync(device)
             t0 = time.perf_counter()
-        loss = sum(model(images, "bench:cls", targets).values())
+        with precision.autocast(device):
+            loss = sum(model(images, "bench:cls", targets).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,35 +116,65 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--workers", default="0", help="engine.num_workers (an int or auto)")
     args = parser.parse_args()
     device = torch.device(args.device)
     engine = EngineConfig(
         device=args.device,
         precision=args.precision,
         channels_last=args.channels_last,
+        num_workers=args.workers if args.workers == "auto" else int(args.workers),
         log_every_steps=10**6,
         checkpoint_every_steps=10**6,
     )
+    fp32 = Precision(None, False)
+    same = Precision.for_device(engine, device)
     data = InMemory(max(args.batch * 4, 64), args.image_size, 10)
-    ref_model = make_model(args.arch, args.image_size, 10).to(device)
+    models = {"fp32": make_model(args.arch, args.image_size, 10).to(device)}
+    if same != fp32:  # else the fp32 reference is the same-precision one
+        models["same"] = make_model(args.arch, args.image_size, 10).to(device)
+        if same.channels_last:
+            models["same"] = models["same"].to(memory_format=torch.channels_last)
     eng_model = make_model(args.arch, args.image_size, 10)
-    ref, eng = [], []
+    rates: dict[str, list[float]] = {"fp32": [], "same": [], "engine": []}
     for r in range(args.rounds):
-        ref.append(reference_round(ref_model, data, args.batch, args.steps, device))
-        eng.append(engine_round(eng_model, data, args.batch, args.steps, engine))
-        print(
-            f"round {r + 1}: reference {ref[-1]:.1f} img/s, engine {eng[-1]:.1f} img/s", flush=True
+        rates["fp32"].append(
+            reference_round(models["fp32"], data, args.batch, args.steps, device, fp32)
         )
-    ref_m, eng_m = statistics.median(ref), statistics.median(eng)
+        if "same" in models:
+            rates["same"].append(
+                reference_round(models["same"], data, args.batch, args.steps, device, same)
+            )
+        else:
+            rates["same"].append(rates["fp32"][-1])
+        rates["engine"].append(engine_round(eng_model, data, args.batch, args.steps, engine))
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()),
+            flush=True,
+        )
+    med = {k: statistics.median(v) for k, v in rates.items()}
     name = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
         else f"CPU x{torch.get_num_threads()} threads"
     )
+    layout = f"{same.dtype or 'fp32'}, channels_last {'on' if same.channels_last else 'off'}"
     print(f"\n{args.arch} batch {args.batch} at {args.image_size}px on {name}")
-    print(f"reference (fp32 plain loop): {ref_m:9.1f} img/s (median of {args.rounds})")
-    print(f"engine ({args.precision}, channels_last {args.channels_last}): {eng_m:9.1f} img/s")
-    print(f"ratio engine / reference: {eng_m / ref_m:.3f}")
+    print(f"medians of {args.rounds} rounds, img/s:")
+    same_note = "" if "same" in models else "  (= the fp32 reference)"
+    rows = {
+        "reference, fp32 contiguous": f"{med['fp32']:9.1f}",
+        f"reference, the engine's {layout}": f"{med['same']:9.1f}{same_note}",
+        f"engine, {layout}, workers {args.workers}": f"{med['engine']:9.1f}",
+    }
+    width = max(len(k) for k in rows)
+    for label, value in rows.items():
+        print(f"  {label:<{width}} {value}")
+    print(
+        f"ratios: engine / same-precision reference {med['engine'] / med['same']:.3f}"
+        f" (goal >= 0.97) | engine / fp32 reference {med['engine'] / med['fp32']:.3f}"
+        f" | same-precision / fp32 reference {med['same'] / med['fp32']:.3f}"
+    )
 
 
 if __name__ == "__main__":

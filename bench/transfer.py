@@ -29,7 +29,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from xlearner.transfer import fit_linear_probe, stratified_split
+from xlearner.transfer.probe import fit_linear_probe, stratified_split
 
 
 def gaussian_clusters(

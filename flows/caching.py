@@ -16,6 +16,7 @@ from typing import Any
 
 from xlearner.config import hash_json
 from xlearner.store import ArtifactStore, open_store
+from xlearner.store_keys import stage_prefix
 
 CODE_ROOTS = ("xlearner", "stages")
 KEY_LENGTH = 20
@@ -41,7 +42,8 @@ def stage_key(stage: str, section: Any, inputs: Any) -> str:
 
 
 def stage_out(store_uri: str, stage: str, key: str) -> str:
-    return f"{store_uri.rstrip('/')}/runs/{stage}/{key}"
+    """The URI of a stage output: ``runs/<stage>/<key>`` in the store at ``store_uri``."""
+    return f"{store_uri.rstrip('/')}/{stage_prefix(stage, key)}"
 
 
 def source_fingerprint(uri: str, endpoint_url: str | None = None) -> str:

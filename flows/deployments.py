@@ -15,23 +15,18 @@ Two ways to run them:
   process pool (dev, the tests) the worker runs the flow from this checkout.
 - :func:`serve` registers both and runs them in this process (``flow.serve`` style).
 
-``python -m flows.deployments deploy --config C --pool P`` / ``serve --config C``.
+``xlearner deploy deploy --config C --pool P`` / ``xlearner deploy serve --config C``.
+Prefect and the flows are imported inside the functions: the ``xlearner`` command reads
+this module's defaults without paying for them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-
-from flows.pipeline import xlearner_pipeline
-from flows.trigger import landed_trigger, watch_sources
-from xlearner.config import ConfigError, PipelineConfig, load_config
+from xlearner.config import PipelineConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_ENTRYPOINT = "flows/pipeline.py:xlearner_pipeline"
@@ -39,6 +34,7 @@ SENSOR_ENTRYPOINT = "flows/trigger.py:watch_sources"
 DOCKER_POOL = "xlearner-docker"
 FLOW_IMAGE = "xlearner-worker:latest"  # docker/Dockerfile.worker: prefect + this package
 SENSOR_EVERY_S = 300
+SERVE_SENSOR_EVERY_S = 60  # serve: the sensor runs here, beside the pipeline
 # Variables a flow-run container gets as Prefect Secret blocks (resolved by the worker
 # when it starts the container; the UI never shows them).
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -46,11 +42,17 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 def pipeline_deployment_name(cfg: PipelineConfig, name: str | None = None) -> str:
     """``flow/deployment`` of a config's pipeline deployment."""
+    from flows.pipeline import xlearner_pipeline
+
     return f"{xlearner_pipeline.name}/{name or cfg.name}"
 
 
 def pipeline_options(cfg: PipelineConfig, name: str | None, schedule_cron: str | None) -> dict:
     """What both ways of deploying give the pipeline deployment."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.trigger import landed_trigger
+
     return {
         "name": name or cfg.name,
         "parameters": {"config": cfg.model_dump(mode="json")},
@@ -144,6 +146,9 @@ def deploy(
     ``sensor_every_s=None``: no sensor (sources then trigger runs only through
     ``xlearner sources add``). ``job_variables``: overrides of the pool's job template.
     """
+    from flows.pipeline import xlearner_pipeline
+    from flows.trigger import watch_sources
+
     cfg = load_config(config_path, overrides)
     kind = ensure_pool(pool)
     docker = kind == "docker"
@@ -188,81 +193,17 @@ def serve(
     *,
     schedule_cron: str | None = None,
     name: str | None = None,
-    sensor_every_s: int | None = 60,
+    sensor_every_s: int | None = SERVE_SENSOR_EVERY_S,
     overrides: list[str] | None = None,
 ) -> None:
     """Register the pipeline (and its sensor) and run their flow runs here until stopped."""
     from prefect import serve as prefect_serve
+
+    from flows.pipeline import xlearner_pipeline
+    from flows.trigger import watch_sources
 
     cfg = load_config(config_path, overrides)
     deployments = [xlearner_pipeline.to_deployment(**pipeline_options(cfg, name, schedule_cron))]
     if sensor_every_s:
         deployments.append(watch_sources.to_deployment(**sensor_options(cfg, name, sensor_every_s)))
     prefect_serve(*deployments)
-
-
-@contextmanager
-def _config_errors() -> Iterator[None]:
-    try:
-        yield
-    except ConfigError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
-
-
-cli = typer.Typer(help="Deploy the xlearner pipeline to Prefect.", no_args_is_help=True)
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline config YAML")]
-CronOpt = Annotated[str | None, typer.Option("--cron", help='schedule, e.g. "0 3 * * *"')]
-NameOpt = Annotated[str | None, typer.Option(help="deployment name (default: the config's name)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="config override key=value")]
-
-
-@cli.command("deploy")
-def deploy_command(
-    config: ConfigOpt,
-    pool: Annotated[str, typer.Option(help="work pool (created when missing)")] = DOCKER_POOL,
-    cron: CronOpt = None,
-    name: NameOpt = None,
-    image: Annotated[str, typer.Option(help="flow-run image on a Docker pool")] = FLOW_IMAGE,
-    sensor_every: Annotated[
-        int, typer.Option(help="sensor interval in s; 0: none")
-    ] = SENSOR_EVERY_S,
-    set_: SetOpt = None,
-) -> None:
-    """Register the pipeline and its source sensor with a work pool."""
-    with _config_errors():
-        ids = deploy(
-            config,
-            pool=pool,
-            schedule_cron=cron,
-            name=name,
-            image=image,
-            sensor_every_s=sensor_every or None,
-            overrides=set_,
-        )
-    for deployment, deployment_id in ids.items():
-        typer.echo(f"{deployment}: {deployment_id}")
-    typer.echo(f"start a worker: prefect worker start --pool {pool}")
-
-
-@cli.command("serve")
-def serve_command(
-    config: ConfigOpt,
-    cron: CronOpt = None,
-    name: NameOpt = None,
-    sensor_every: Annotated[int, typer.Option(help="sensor interval in s; 0: none")] = 60,
-    set_: SetOpt = None,
-) -> None:
-    """Register the pipeline and its sensor and run them in this process."""
-    with _config_errors():
-        serve(
-            config,
-            schedule_cron=cron,
-            name=name,
-            sensor_every_s=sensor_every or None,
-            overrides=set_,
-        )
-
-
-if __name__ == "__main__":
-    cli()

@@ -34,8 +34,17 @@ from prefect.settings import PREFECT_API_URL
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from xlearner.config import ConfigError, PipelineConfig, validate_config
-from xlearner.data.ingest import manifest_key, source_prefix
-from xlearner.store import ArtifactStore, join, open_store
+from xlearner.contract import Stage
+from xlearner.store import ArtifactStore, open_store
+from xlearner.store_keys import (
+    SOURCES,
+    is_stage_result,
+    manifest_key,
+    parse_source_latest,
+    sensor_state,
+    source_prefix,
+    stage_prefix,
+)
 
 LANDED_EVENT = "xlearner.source.landed"
 RESOURCE_PREFIX = "xlearner.source."
@@ -58,18 +67,12 @@ class Landed:
     manifest: str  # store URI of its manifest.json
 
 
-def state_key(config_name: str) -> str:
-    return join("sensor", config_name, "announced.json")
-
-
 def latest_versions(store: ArtifactStore) -> dict[str, Landed]:
     """The latest published version of every source in the store."""
     landed = {}
-    for key in store.list("sources"):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "latest.json":
+    for key in store.list(SOURCES):
+        if (name := parse_source_latest(key)) is not None:
             latest = store.read_json(key)
-            name = parts[1]
             landed[name] = Landed(name, latest["version"], store.uri(latest["manifest"]))
     return landed
 
@@ -77,8 +80,8 @@ def latest_versions(store: ArtifactStore) -> dict[str, Landed]:
 def ingested_versions(store: ArtifactStore) -> dict[str, set[str]]:
     """Source versions that pipeline runs ingested themselves (their ingest results)."""
     seen: dict[str, set[str]] = {}
-    for key in store.list("runs/ingest"):
-        if key.endswith("/result.json"):
+    for key in store.list(stage_prefix(Stage.ingest)):
+        if is_stage_result(key):
             for name, version in store.read_json(key).get("versions", {}).items():
                 seen.setdefault(name, set()).add(version)
     return seen
@@ -86,7 +89,7 @@ def ingested_versions(store: ArtifactStore) -> dict[str, set[str]]:
 
 def read_state(store: ArtifactStore, config_name: str) -> dict[str, dict[str, str]]:
     """``{source: {version: why it is known}}``; empty before the first announcement."""
-    key = state_key(config_name)
+    key = sensor_state(config_name)
     if not store.exists(key):
         return {}
     state = store.read_json(key)
@@ -99,7 +102,7 @@ def read_state(store: ArtifactStore, config_name: str) -> dict[str, dict[str, st
 
 
 def write_state(store: ArtifactStore, config_name: str, known: dict[str, dict[str, str]]) -> None:
-    store.write_json(state_key(config_name), {"format": STATE_FORMAT, "known": known})
+    store.write_json(sensor_state(config_name), {"format": STATE_FORMAT, "known": known})
 
 
 def updated_config(
@@ -124,7 +127,7 @@ def updated_config(
                 "split_seed": manifest["split"]["seed"],
             }
         )
-    return validate_config(data, origin=f"{cfg.name} + the sources in {store.uri('sources')}")
+    return validate_config(data, origin=f"{cfg.name} + the sources in {store.uri(SOURCES)}")
 
 
 def event_id(config_name: str, landed: Landed) -> uuid.UUID:
@@ -234,7 +237,7 @@ def watch_sources(deployment: str, adopt_new_sources: bool = True) -> list[dict]
     store = open_store(cfg.store.uri, cfg.store.endpoint_url)
     announced = announce(cfg, store, adopt_new_sources=adopt_new_sources, log=log)
     if not announced:
-        log(f"no new source versions under {store.uri('sources')}")
+        log(f"no new source versions under {store.uri(SOURCES)}")
     return [asdict(v) for v in announced]
 
 

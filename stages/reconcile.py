@@ -8,58 +8,23 @@ from __future__ import annotations
 
 import sys
 
-from stages.common import (
-    StageOutput,
-    already_done,
-    base_parser,
-    fetch_dir,
-    load_config_uri,
-    parse_pairs,
-    publish_trained,
-    run_stage,
-)
+from stages.main import stage_main
 from xlearner import tracking
-from xlearner.train import build_reconciled_model, count_images, fit, load_streams, load_sub_models
+from xlearner.config import PipelineConfig
+from xlearner.contract import ReconcileCall, StageResult
+from xlearner.outputs import StageOutput, publish_trained
+from xlearner.reconcile import reconcile_job
+
+
+def body(call: ReconcileCall, cfg: PipelineConfig, out: StageOutput) -> StageResult:
+    job = reconcile_job(cfg, call.sub_models, call.manifests)
+    with tracking.stage_run(cfg.tracking, call.mlflow_parent_run_id, job.name) as tracker:
+        trained = job.run(out.checkpointer(), tracker)
+        return publish_trained(out, cfg, trained)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("reconcile", __doc__)
-    parser.add_argument("--sub-model", action="append", default=[], metavar="TASK=URI")
-    parser.add_argument("--manifest", action="append", default=[], metavar="SOURCE=URI")
-    parser.add_argument("--out", required=True, metavar="URI")
-    args = parser.parse_args(argv)
-
-    def body() -> dict:
-        cfg = load_config_uri(args.config, args.overrides)
-        out = StageOutput(args.out)
-        if done := already_done(out, "reconcile"):
-            return done
-        streams = load_streams(cfg, parse_pairs(args.manifest, "--manifest"))
-        paths = {
-            task: fetch_dir(uri) for task, uri in parse_pairs(args.sub_model, "--sub-model").items()
-        }
-        model = build_reconciled_model(cfg, streams, load_sub_models(paths), cfg.reconcile.mode)
-        with tracking.stage_run(cfg.tracking, args.mlflow_parent_run_id, "reconcile") as tracker:
-            tracker.log_params({"stage": "reconcile", "reconcile": cfg.reconcile.model_dump()})
-            tracker.log_metrics({"gamma_parameters": float(model.trunk.num_gamma_parameters())})
-            metrics, start = fit(
-                model,
-                streams,
-                cfg.reconcile.train,
-                cfg,
-                name="reconcile",
-                checkpointer=out.checkpointer(),
-                on_metrics=tracker.log_metrics,
-            )
-            tracker.log_metrics(tracking.flatten_metrics(metrics, "val"))
-            extra = {
-                "train_images": count_images(streams),
-                "resumed_from_step": start,
-                "mode": cfg.reconcile.mode,
-            }
-            return publish_trained(out, cfg, model, metrics, extra)
-
-    return run_stage("reconcile", body)
+    return stage_main(ReconcileCall, body, argv)
 
 
 if __name__ == "__main__":

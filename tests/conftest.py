@@ -25,7 +25,7 @@ import boto3
 import prefect  # noqa: F401  (see above)
 import pytest
 
-from flows.stack import SeaweedFS, ServiceError, find_weed
+from devstack import SeaweedFS, ServiceError, find_weed
 from xlearner.data.synth import synth_source_configs, synthesize
 from xlearner.store import ArtifactStore, open_store
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xlearner.tasks import LABEL_TASK_OF_FORMAT, SELF_SUPERVISED, SourceFormat, TaskType
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
 
 
@@ -23,34 +25,13 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the field."""
 
 
-class SourceFormat(StrEnum):
-    """On-disk layout of a source (see docs/data.md)."""
+def _registered_backbone(name: str) -> str:
+    """``name`` if the backbone registry has it (imported here: torch loads only when needed)."""
+    from xlearner.models.registry import available_backbones
 
-    cls = "cls"
-    multilabel = "multilabel"
-    det = "det"
-    seg = "seg"
-    unlabeled = "unlabeled"
-
-
-class TaskType(StrEnum):
-    """A task: each gets its own sub-backbone in the expansion stage."""
-
-    cls = "cls"
-    multilabel = "multilabel"
-    det = "det"
-    seg = "seg"
-    mim = "mim"
-    contrastive = "contrastive"
-
-
-SELF_SUPERVISED = {TaskType.mim, TaskType.contrastive}
-LABEL_TASK_OF_FORMAT = {
-    SourceFormat.cls: TaskType.cls,
-    SourceFormat.multilabel: TaskType.multilabel,
-    SourceFormat.det: TaskType.det,
-    SourceFormat.seg: TaskType.seg,
-}
+    if name not in available_backbones():
+        raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
+    return name
 
 
 class StrictModel(BaseModel):
@@ -125,6 +106,38 @@ class TrainConfig(StrictModel):
     grad_accum_steps: int = Field(default=1, ge=1)
 
 
+PRETRAINED_SUFFIXES = (".safetensors", ".pth", ".pt")
+PRETRAINED_HELP = (
+    "Local file of backbone weights: a .safetensors file or a torchvision-format ResNet "
+    "state dict (.pth/.pt, read with torch.load(weights_only=True): tensors only, never a "
+    "pickled model); torchvision names (conv1, bn1, layer1..4) are mapped, fc.* ignored, "
+    "and every trunk tensor must be present with its shape (xlearner/models/pretrained.py)."
+)
+
+
+def _pretrained_file(path: str | None) -> str | None:
+    if path is not None and not path.endswith(PRETRAINED_SUFFIXES):
+        raise ValueError(
+            f"{path!r}: expected a local {' or '.join(PRETRAINED_SUFFIXES)} file of weights"
+        )
+    return path
+
+
+class TaskTrainConfig(TrainConfig):
+    """A task's expansion run (``tasks.<task>``): its hyper-parameters and initialisation."""
+
+    pretrained_path: str | None = Field(
+        default=None,
+        description="Initialise this task's sub-backbone from this file instead of "
+        f"model.pretrained_path. {PRETRAINED_HELP}",
+    )
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _pretrained_suffix(cls, path: str | None) -> str | None:
+        return _pretrained_file(path)
+
+
 class EngineConfig(StrictModel):
     """How training runs on the hardware; the same for every stage."""
 
@@ -134,27 +147,65 @@ class EngineConfig(StrictModel):
     )
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes per stream. auto: this stage's share of the "
+        "cores (os.sched_getaffinity / XLEARNER_PARALLEL_STAGES, else OMP_NUM_THREADS) split "
+        "among its streams on CUDA; 0 on CPU, where the workers would compete with the "
+        "training threads for the same cores (docs/benchmarks.md, data loading)",
+    )
+    prefetch_factor: int = Field(
+        default=4, ge=1, description="batches each worker loads ahead (with workers only)"
+    )
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="cpu",
+        description="where training JPEGs are decoded. gpu: the loader yields the encoded "
+        "bytes and the batch is decoded, cropped, flipped and resized on the GPU (nvjpeg); "
+        "auto: gpu when CUDA and torchvision's GPU JPEG decoder are available, else cpu",
+    )
     log_every_steps: int = Field(default=20, ge=1)
     checkpoint_every_steps: int = Field(default=50, ge=1)
     eval_max_images: int = Field(default=512, ge=1)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {value}")
+        return value
+
+
+class IngestConfig(StrictModel):
+    """How sources are packed into shards (docs/data.md, "Ingest")."""
+
+    max_side: int | None = Field(
+        default=None,
+        ge=32,
+        description="re-encode images whose longer side exceeds this to that side (boxes "
+        "scaled, masks NEAREST), so shards decode faster; e.g. 320 for 224 px training. "
+        "None: keep the images as they are. Part of the version.",
+    )
 
 
 class ModelConfig(StrictModel):
     backbone: str = "tiny_resnet"
     image_size: int = Field(default=64, ge=32, le=1024)
     pretrained_path: str | None = Field(
-        default=None, description="Local safetensors file to initialise sub-backbones from."
+        default=None,
+        description="Initialise every sub-backbone of the expansion stage from this file "
+        f"(tasks.<task>.pretrained_path overrides it per task); None: random init. "
+        f"{PRETRAINED_HELP}",
     )
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _pretrained_suffix(cls, path: str | None) -> str | None:
+        return _pretrained_file(path)
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from xlearner.models.backbones import available_backbones
-
-        if name not in available_backbones():
-            raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
-        return name
+        return _registered_backbone(name)
 
 
 class MIMHeadConfig(StrictModel):
@@ -191,7 +242,28 @@ class ReconcileConfig(StrictModel):
         "same_level: only j == i (ablation); none: no reconciliation layers.",
     )
     detach_other_tasks: bool = True
-    receive_stages: list[int] = Field(default=[1, 2, 3, 4])
+    receive_stages: list[int] = Field(
+        default=[1, 2, 3],
+        description="Stages i (1..4 = C2..C5) that receive gammas. Default 1-3, as the public "
+        "cross-task layers this design follows (gv-benchmark's Cross_Conv_HRNet_Layer): with "
+        "ResNet-50 sub-backbones the gammas into stage 4 (2048 channels, 3x3 stride-2 convs "
+        "from every task's lower levels) are 80% of the conv gamma parameters (four tasks: "
+        "794 M with stage 4, 158 M without, beside 94 M of sub-backbones). 4 stays selectable.",
+    )
+    gamma: Literal["conv", "light"] = Field(
+        default="conv",
+        description="conv: a strided 3x3 chain into a higher stage (gv-benchmark, HRNet-style); "
+        "light: average-pool to the target stride, then 1x1 conv + BN (about 1/5 of the conv "
+        "gamma parameters for ResNet-50 into stages 1-3). Both: 1x1 conv + BN within a stage, "
+        "last BN zero-initialised (the expanded model starts as the sub-backbones).",
+    )
+    max_gamma_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on gamma cost / sub-backbones' cost, the larger of the parameter "
+        "and the per-image FLOP ratio (at model.image_size), checked before training; the "
+        "error lists the options that fit. None: no cap.",
+    )
     train: TrainConfig = TrainConfig(steps=200)
 
     @field_validator("receive_stages")
@@ -207,6 +279,11 @@ class SqueezeConfig(StrictModel):
     method: Literal["distill", "prune"] = "distill"
     student: str | None = Field(
         default=None, description="Student backbone; default: model.backbone"
+    )
+    student_pretrained_path: str | None = Field(
+        default=None,
+        description=f"Initialise the distillation student from this file; None: random "
+        f"init. {PRETRAINED_HELP}",
     )
     levels: list[int] = Field(default=[4], description="Feature levels matched (1..4 = C2..C5)")
     task_loss_weight: float = Field(default=0.0, ge=0)
@@ -233,16 +310,15 @@ class SqueezeConfig(StrictModel):
             raise ValueError(f"weights must be >= 0; negative for {negative}")
         return weights
 
+    @field_validator("student_pretrained_path")
+    @classmethod
+    def _pretrained_suffix(cls, path: str | None) -> str | None:
+        return _pretrained_file(path)
+
     @field_validator("student")
     @classmethod
     def _known_student(cls, name: str | None) -> str | None:
-        if name is None:
-            return None
-        from xlearner.models.backbones import available_backbones
-
-        if name not in available_backbones():
-            raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
-        return name
+        return None if name is None else _registered_backbone(name)
 
 
 class TransferConfig(StrictModel):
@@ -333,13 +409,15 @@ class PipelineConfig(StrictModel):
     downstream: list[DownstreamConfig] = Field(default_factory=list)
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()
-    tasks: dict[TaskType, TrainConfig] = Field(
-        default_factory=dict, description="Per-task hyper-parameters of the expansion stage."
+    tasks: dict[TaskType, TaskTrainConfig] = Field(
+        default_factory=dict,
+        description="Per-task hyper-parameters (and pretrained_path) of the expansion stage.",
     )
     reconcile: ReconcileConfig = ReconcileConfig()
     squeeze: SqueezeConfig = SqueezeConfig()
     transfer: TransferConfig = TransferConfig()
     engine: EngineConfig = EngineConfig()
+    ingest: IngestConfig = IngestConfig()
     store: StoreConfig = StoreConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -412,26 +490,16 @@ class PipelineConfig(StrictModel):
     def sources_for(self, task: TaskType) -> list[SourceConfig]:
         return [s for s in self.sources if task in s.resolved_tasks]
 
-    def train_config(self, task: TaskType) -> TrainConfig:
-        return self.tasks.get(task, TrainConfig())
+    def train_config(self, task: TaskType) -> TaskTrainConfig:
+        return self.tasks.get(task, TaskTrainConfig())
+
+    def pretrained_path_for(self, task: TaskType) -> str | None:
+        """The file task ``task``'s sub-backbone starts from (None: random init)."""
+        return self.train_config(task).pretrained_path or self.model.pretrained_path
 
     @property
     def student_backbone(self) -> str:
         return self.squeeze.student or self.model.backbone
-
-    def fingerprint(self, section: Any) -> str:
-        """Stable hash of a config section (a model, list or dict) for cache keys."""
-        return hash_json(_dump(section))
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list | tuple):
-        return [_dump(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _dump(v) for k, v in value.items()}
-    return value
 
 
 def hash_json(value: Any) -> str:

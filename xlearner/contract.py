@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar, get_args, get_origin
+from typing import Any, ClassVar, Self, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -120,7 +120,7 @@ class StageCall(BaseModel):
         return parser
 
     @classmethod
-    def parse(cls, argv: list[str] | None = None) -> StageCall:
+    def parse(cls, argv: list[str] | None = None) -> Self:
         """The call a stage was given on its command line (a ``ConfigError`` if malformed)."""
         args = vars(cls.parser().parse_args(argv))
         for name, field in cls.model_fields.items():
@@ -138,6 +138,10 @@ class StageCall(BaseModel):
                 for e in err.errors()
             )
             raise ConfigError(f"stage {cls.stage.value}: {problems}") from None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a call whose flags do not go together (after the config
+        is read, before the stage looks at its output)."""
 
 
 def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -224,6 +228,13 @@ class SqueezeCall(StageCall):
         default_factory=dict, description="SOURCE=URI", json_schema_extra={"flag": "--manifest"}
     )
 
+    def check(self) -> None:
+        if bool(self.teacher) == bool(self.sub_models):
+            raise ValueError(
+                "give either --teacher (the expanded model) or --sub-model TASK=URI, "
+                "not both/neither"
+            )
+
 
 class TransferCall(StageCall):
     stage = Stage.transfer
@@ -265,3 +276,8 @@ class StageResult(BaseModel):
     parameters: int | None = None
     train_images: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON object of ``result.json`` and of the result line: the fields that were
+        set (given, or assigned later), extras included; unset defaults are left out."""
+        return self.model_dump(mode="json", exclude_unset=True)

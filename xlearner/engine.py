@@ -8,20 +8,30 @@ one optimiser step (after ``grad_accum_steps`` micro-batches).
 
 Batches are a pure function of (seed, stream, step): resuming at step N needs no
 sampler state beyond N, so a stage killed after a checkpoint and restarted with the same
-arguments continues exactly where it was. On CUDA it uses bf16 autocast and
-channels_last; under ``torchrun`` it wraps the model in DistributedDataParallel and
-shards every batch across the ranks.
+arguments continues exactly where it was. Augmentation follows the epoch: every sample is
+loaded as ``(epoch, index)``, and a dataset with ``set_epoch(epoch, seed=...)`` gets it
+before the sample is read, in whichever worker reads it. On CUDA it uses bf16 autocast
+and channels_last, worker processes with pinned memory and, with ``engine.decode: gpu``,
+decodes the JPEGs of each batch on the GPU; under ``torchrun`` it wraps the model in
+DistributedDataParallel and shards every batch across the ranks.
+
+The loop does not wait for the GPU: losses are summed on the device and read at log
+steps, and the non-finite check is a device-side flag read then (and before every
+checkpoint and at the end). ``XLEARNER_FAIL_FAST=1`` (or ``Trainer(fail_fast=True)``)
+reads it after every step instead.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import logging
 import math
+import os
 import random
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +43,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xlearner import distributed
 from xlearner.config import EngineConfig, TrainConfig
+from xlearner.data.shards import EncodedBatch, decode_batch
+from xlearner.progress import Progress
 from xlearner.store import ArtifactStore, join
 
 log = logging.getLogger("xlearner.engine")
@@ -70,47 +82,188 @@ class StepBatchSampler(Sampler[list[int]]):
     """Index batches as a pure function of (seed, step): epoch e is permutation(seed, e).
 
     Yields the batches of steps ``start_step, start_step + 1, ...`` forever. Under DDP
-    each rank takes its slice of every global batch.
+    each rank takes its slice of every global batch. ``with_epochs=True`` yields
+    ``(epoch, index)`` pairs (what :class:`EpochFeed` reads) instead of indices.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        with_epochs: bool = False,
+    ):
         if size == 0:
             raise ValueError("cannot sample from an empty data set")
         self.size, self.batch_size, self.seed, self.start_step = size, batch_size, seed, start_step
+        self.with_epochs = with_epochs
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self._perms: dict[int, torch.Tensor] = {}
+        self._perms: dict[int, list[int]] = {}
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:  # a list: indexing it per sample costs nanoseconds
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms = {epoch: torch.randperm(self.size, generator=gen)}
+            self._perms = {epoch: torch.randperm(self.size, generator=gen).tolist()}
         return self._perms[epoch]
 
-    def batch(self, step: int) -> list[int]:
+    def keyed_batch(self, step: int) -> list[tuple[int, int]]:
+        """``(epoch, index)`` of every sample of ``step``'s batch (this rank's slice)."""
         start = step * self.batch_size
         out = []
         for pos in range(start, start + self.batch_size):
             epoch, offset = divmod(pos, self.size)
-            out.append(int(self._perm(epoch)[offset]))
+            out.append((epoch, self._perm(epoch)[offset]))
         return out[self.rank :: self.world]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batch(self, step: int) -> list[int]:
+        return [index for _, index in self.keyed_batch(step)]
+
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
         step = self.start_step
         while True:
-            yield self.batch(step)
+            yield self.keyed_batch(step) if self.with_epochs else self.batch(step)
             step += 1
 
 
-def _loader(stream: Stream, batch_size: int, seed: int, start_step: int, workers: int) -> Iterator:
-    sampler = StepBatchSampler(stream.size, batch_size, stream_seed(seed, stream.name), start_step)
+class EpochFeed(Dataset):
+    """What a stream's DataLoader reads: ``(epoch, index)`` keys (or plain indices).
+
+    Before reading a keyed sample it calls the dataset's ``set_epoch(epoch, seed=seed)``
+    (``set_epoch(epoch)`` if it takes no seed), so per-epoch augmentation works the same
+    in the main process and in every worker (each holds its own copy of the dataset), and
+    a batch that straddles two epochs augments each sample as its own epoch. With
+    ``encoded=True`` a dataset that has ``encoded_item`` (:class:`ShardDataset`) leaves
+    its JPEGs encoded for :func:`decode_batch`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int | None = None, encoded: bool = False):
+        self.dataset, self.seed = dataset, seed
+        self.encoded = encoded and hasattr(dataset, "encoded_item")
+        set_epoch = getattr(dataset, "set_epoch", None)
+        self._set_epoch = set_epoch is not None
+        self._seeded = self._set_epoch and "seed" in inspect.signature(set_epoch).parameters
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            epoch, index = key
+            if self._seeded:
+                self.dataset.set_epoch(epoch, seed=self.seed)
+            elif self._set_epoch:
+                self.dataset.set_epoch(epoch)
+        else:
+            index = key
+        return self.dataset.encoded_item(index) if self.encoded else self.dataset[index]
+
+
+MAX_AUTO_WORKERS = 16
+
+
+def stage_cores() -> int:
+    """CPU cores this process may use for itself.
+
+    ``os.sched_getaffinity`` (what a container or ``taskset`` allows), divided among the
+    stages that run at once: ``XLEARNER_PARALLEL_STAGES`` when set (the flow sets it),
+    else capped by ``OMP_NUM_THREADS`` when set outside ``torchrun`` (which sets it to 1
+    for its own reasons); under ``torchrun`` also divided among the node's ranks.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    parallel = os.environ.get("XLEARNER_PARALLEL_STAGES")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if parallel:
+        cores //= max(int(parallel), 1)
+    elif os.environ.get("OMP_NUM_THREADS") and "LOCAL_WORLD_SIZE" not in os.environ:
+        cores = min(cores, max(int(os.environ["OMP_NUM_THREADS"]), 1))
+    return max(cores // max(local_world, 1), 1)
+
+
+def resolve_num_workers(engine: EngineConfig, device: torch.device, streams: int = 1) -> int:
+    """DataLoader workers per stream: ``engine.num_workers``, or for ``auto``:
+
+    0 on CPU (the workers would take cores from the training threads: measured slower,
+    docs/benchmarks.md) and when this stage has fewer than 2 cores; else one core for the
+    main process and the rest (at most ``MAX_AUTO_WORKERS``) split among the streams.
+    """
+    if engine.num_workers != "auto":
+        return int(engine.num_workers)
+    cores = stage_cores()
+    if device.type != "cuda" or cores < 2:
+        return 0
+    return max(1, min(cores - 1, MAX_AUTO_WORKERS) // max(streams, 1))
+
+
+@functools.cache
+def gpu_jpeg_decode_available(device: str = "cuda") -> bool:
+    """Whether torchvision decodes JPEGs on ``device`` (its nvjpeg build): one tiny try."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format="JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+        return True
+    except Exception as err:  # no nvjpeg in this build, a driver problem: decode on the CPU
+        log.info(f"GPU JPEG decoding is not available ({err}); decoding on the CPU")
+        return False
+
+
+def resolve_decode(engine: EngineConfig, device: torch.device) -> bool:
+    """True when batches are decoded on the GPU (``engine.decode``: gpu, or auto + nvjpeg)."""
+    if engine.decode == "cpu":
+        return False
+    if device.type != "cuda":
+        if engine.decode == "gpu":
+            raise RuntimeError(
+                f"engine.decode is 'gpu' but training runs on {device}; use 'auto' or 'cpu'"
+            )
+        return False
+    available = gpu_jpeg_decode_available(str(device))
+    if engine.decode == "gpu" and not available:
+        raise RuntimeError(
+            "engine.decode is 'gpu' but torchvision cannot decode JPEGs on the GPU here "
+            "(no nvjpeg); use 'auto' or 'cpu'"
+        )
+    return available
+
+
+def make_loader(
+    stream: Stream,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    *,
+    workers: int = 0,
+    device: torch.device | None = None,
+    encoded: bool = False,
+    prefetch_factor: int = 4,
+) -> Iterator:
+    """The endless batch iterator of a stream from ``start_step`` on.
+
+    Samples are read as ``(epoch, index)`` through :class:`EpochFeed`, augmented with
+    ``stream_seed(seed, stream.name)``. On CUDA batches come in pinned memory (copied
+    without a host sync); with workers, each prefetches ``prefetch_factor`` batches.
+    """
+    sseed = stream_seed(seed, stream.name)
+    sampler = StepBatchSampler(stream.size, batch_size, sseed, start_step, with_epochs=True)
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers else {}
     return iter(
         DataLoader(
-            stream.train,
+            EpochFeed(stream.train, sseed, encoded),
             batch_sampler=sampler,
             collate_fn=stream.collate,
             num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=device is not None and device.type == "cuda",
+            **extra,
         )
     )
 
@@ -244,29 +397,53 @@ class Checkpointer:
         return int(info["step"])
 
 
-@dataclass
-class Progress:
-    """A log line every N steps with loss, images/s and ETA."""
+class LossWindow:
+    """Losses summed on the device between log steps, read with one host sync.
 
-    total: int
-    every: int
-    name: str
-    start_step: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-    images: int = 0
+    Also the non-finite flag: the first step whose total loss is not finite (and that
+    loss), kept on the device; :meth:`check` reads it and raises.
+    """
 
-    def update(self, step: int, images: int, losses: dict[str, float]) -> None:
-        self.images += images
-        done = step - self.start_step
-        if step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = self.images / max(elapsed, 1e-9)
-        eta = elapsed / max(done, 1) * (self.total - step)
-        loss_text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-        log.info(
-            f"[{self.name}] step {step}/{self.total} {loss_text} {rate:.1f} img/s eta {eta:.0f}s"
-        )
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        first = (self.bad_step == 0) & ~torch.isfinite(losses["loss"])
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, losses["loss"], self.bad_loss)
+
+    def check(self, name: str) -> None:
+        """Raise if a step's loss was not finite (reads the flag: waits for the device).
+
+        Under DDP the flag is reduced over the ranks (every rank calls this at the same
+        steps), so all of them stop together instead of the others hanging.
+        """
+        flag = self.bad_step
+        if distributed.is_distributed():
+            never = torch.iinfo(torch.int64).max
+            flag = torch.where(flag == 0, never, flag)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            flag = torch.where(flag == never, 0, flag)
+        step = int(flag)
+        if step:
+            here = int(self.bad_step) == step
+            value = float(self.bad_loss) if here else "not finite (on another rank)"
+            raise FloatingPointError(
+                f"[{name}] loss is {value} at step {step}; lower the learning rate"
+            )
+
+    def read(self) -> dict[str, float]:
+        """Mean of each loss over the steps since the last read (one host sync); resets."""
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]).tolist()
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, values, strict=True))
 
 
 class Trainer:
@@ -284,21 +461,26 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         on_metrics: MetricsCallback | None = None,
         parameters: list[nn.Parameter] | None = None,
+        fail_fast: bool | None = None,
     ):
         if not streams:
             raise ValueError(f"[{name}] no data streams to train on")
         self.streams = streams
         self.cfg, self.engine, self.seed, self.name = train_cfg, engine_cfg, seed, name
         self.checkpointer, self.on_metrics = checkpointer, on_metrics
+        if fail_fast is None:
+            fail_fast = os.environ.get("XLEARNER_FAIL_FAST", "").lower() in ("1", "true", "yes")
+        self.fail_fast = fail_fast  # check the loss after every step (a host sync each)
         self.device = resolve_device(engine_cfg)
         self.precision = Precision.for_device(engine_cfg, self.device)
+        self.decode_on_device = resolve_decode(engine_cfg, self.device)
+        self.num_workers = resolve_num_workers(engine_cfg, self.device, len(streams))
         self.model = model.to(self.device)
         if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(parameters or self.model.parameters(), train_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(train_cfg))
         self.forward = self._wrap(self.model)
-        self.images_seen = 0
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if distributed.is_distributed():
@@ -342,62 +524,88 @@ class Trainer:
             for stream in schedule(micro_step):
                 consumed[stream.name] += 1
         loaders = {
-            s.name: _loader(
-                s, self.cfg.batch_size, self.seed, consumed[s.name], self.engine.num_workers
+            s.name: make_loader(
+                s,
+                self.cfg.batch_size,
+                self.seed,
+                consumed[s.name],
+                workers=self.num_workers,
+                device=self.device,
+                encoded=self.decode_on_device,
+                prefetch_factor=self.engine.prefetch_factor,
             )
             for s in self.streams
         }
-        progress = Progress(self.cfg.steps, self.engine.log_every_steps, self.name, start)
+        log.info(
+            f"[{self.name}] {len(self.streams)} streams on {self.device}, "
+            f"{self.num_workers} loader workers each, "
+            f"decode on {'the GPU' if self.decode_on_device else 'the CPU'}"
+        )
+        progress = Progress(self.cfg.steps, start)
+        window = LossWindow(self.device)
+        every = self.engine.log_every_steps
         self.model.train()
         for step in range(start + 1, self.cfg.steps + 1):
             losses, images = self._step(step, loaders, schedule, micro)
-            progress.update(step, images, losses)
-            if self.on_metrics and (
-                step % self.engine.log_every_steps == 0 or step == self.cfg.steps
-            ):
-                self.on_metrics(
-                    {f"train/{k}": v for k, v in losses.items()}
-                    | {"lr": self.scheduler.get_last_lr()[0]},
-                    step,
-                )
-            if (
-                self.checkpointer
-                and distributed.rank() == 0
-                and (step % self.engine.checkpoint_every_steps == 0 or step == self.cfg.steps)
-            ):
+            window.add(step, losses)
+            progress.update(step, images)
+            last = step == self.cfg.steps
+            checkpoint = self.checkpointer is not None and (
+                step % self.engine.checkpoint_every_steps == 0 or last
+            )
+            logged = step % every == 0 or last
+            if self.fail_fast or logged or checkpoint:  # the same steps on every rank
+                window.check(self.name)  # never log or checkpoint a diverged model
+            if logged:
+                self._log(step, window.read(), progress)
+            if checkpoint and distributed.rank() == 0:
                 self.checkpointer.save(
                     step, self.model, self.optimizer, self.scheduler, {"name": self.name}
                 )
         return start
 
-    def _step(self, step: int, loaders: dict, schedule, micro: int) -> tuple[dict[str, float], int]:
+    def _log(self, step: int, losses: dict[str, float], progress: Progress) -> None:
+        loss_text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        log.info(f"[{self.name}] step {step}/{self.cfg.steps} {loss_text} {progress.line()}")
+        if self.on_metrics:
+            self.on_metrics(
+                {f"train/{k}": v for k, v in losses.items()}
+                | {"lr": self.scheduler.get_last_lr()[0]},
+                step,
+            )
+
+    def _images(self, images: torch.Tensor | EncodedBatch) -> torch.Tensor:
+        if isinstance(images, EncodedBatch):
+            images = decode_batch(images, self.device)
+        return move_to(images, self.device, self.precision.channels_last)
+
+    def _step(
+        self, step: int, loaders: dict, schedule, micro: int
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """One optimiser step; the losses come back as detached device tensors (no sync)."""
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         images_in_step = 0
         for m in range(micro):
             streams = schedule((step - 1) * micro + m)
             loss = torch.zeros((), device=self.device)
             for stream in streams:
                 images, targets = next(loaders[stream.name])
-                images = move_to(images, self.device, self.precision.channels_last)
+                images = self._images(images)
                 targets = move_to(targets, self.device)
                 with self.precision.autocast(self.device):
                     parts = self.forward(images, stream.name, targets)
-                stream_loss = sum(parts.values())
-                loss = loss + stream.weight * stream_loss.float()
-                totals[f"{stream.name}/loss"] = (
-                    totals.get(f"{stream.name}/loss", 0.0) + float(stream_loss.detach()) / micro
-                )
+                stream_loss = sum(parts.values()).float()
+                loss = loss + stream.weight * stream_loss
+                key = f"{stream.name}/loss"
+                share = stream_loss.detach() / micro
+                totals[key] = totals[key] + share if key in totals else share
                 images_in_step += images.shape[0]
             (loss / micro).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / micro
-        if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(
-                f"[{self.name}] loss is {totals['loss']} at step {step}; lower the learning rate"
-            )
+            share = loss.detach() / micro
+            totals["loss"] = totals["loss"] + share if "loss" in totals else share
         self.optimizer.step()
         self.scheduler.step()
-        self.images_seen += images_in_step * distributed.world_size()
         return totals, images_in_step * distributed.world_size()
 
 
@@ -412,6 +620,7 @@ def evaluate(
     """
     device = next(model.parameters()).device
     precision = Precision.for_device(engine_cfg, device)
+    encoded = device.type == "cuda" and resolve_decode(engine_cfg, device)
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, float]] = {}
@@ -420,12 +629,15 @@ def evaluate(
             continue
         n = min(len(stream.val), engine_cfg.eval_max_images)  # type: ignore[arg-type]
         loader = DataLoader(
-            torch.utils.data.Subset(stream.val, range(n)),
+            torch.utils.data.Subset(EpochFeed(stream.val, encoded=encoded), range(n)),
             batch_size=batch_size,
             collate_fn=stream.collate,
+            pin_memory=device.type == "cuda",
         )
         metric = model.metric(stream.name)
         for images, targets in loader:
+            if isinstance(images, EncodedBatch):
+                images = decode_batch(images, device)
             images = move_to(images, device, precision.channels_last)
             targets = move_to(targets, device)
             with precision.autocast(device):

@@ -14,10 +14,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,20 @@ def sha256_file(path: str | Path) -> str:
 
 def join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Write the file ``path`` atomically: ``write(tmp)`` fills a temporary sibling (its
+    name holds :data:`TMP_MARK`), which then replaces ``path`` in one rename; a failed
+    write leaves no temporary file and the old ``path`` untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_MARK + uuid.uuid4().hex[:8])
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 class ArtifactStore(ABC):
@@ -104,15 +117,15 @@ class ArtifactStore(ABC):
         if sha256 and target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex[:8])
-        self.download_file(key, tmp)
-        if sha256 and (actual := sha256_file(tmp)) != sha256:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(
-                f"{self.uri(key)}: sha256 {actual} does not match the manifest's {sha256}"
-            )
-        os.replace(tmp, target)
-        return target
+
+        def download_and_check(tmp: Path) -> None:
+            self.download_file(key, tmp)
+            if sha256 and (actual := sha256_file(tmp)) != sha256:
+                raise StoreError(
+                    f"{self.uri(key)}: sha256 {actual} does not match the manifest's {sha256}"
+                )
+
+        return atomic_write(target, download_and_check)
 
 
 def default_cache_dir() -> Path:
@@ -142,13 +155,14 @@ class LocalStore(ArtifactStore):
     def _publish(self, key: str, write) -> str:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex[:8])
-        try:
+        digest = ""
+
+        def write_and_hash(tmp: Path) -> None:
+            nonlocal digest
             write(tmp)
             digest = sha256_file(tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(target, write_and_hash)
         return digest
 
     def write_bytes(self, key: str, data: bytes) -> str:
@@ -355,7 +369,3 @@ def resolve(uri: str, endpoint_url: str | None = None) -> tuple[ArtifactStore, s
     """Split a full artifact URI into (the store of its parent folder, the key below it)."""
     parent, _, name = uri.rstrip("/").rpartition("/")
     return open_store(parent or ".", endpoint_url), name
-
-
-def local_tempdir(prefix: str = "xlearner-") -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=prefix)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from xlearner.config import TrackingConfig
+from xlearner.secrets import is_secret_name
 
 log = logging.getLogger("xlearner.tracking")
 
 DEFAULT_DB = ".xlearner/mlflow.db"
-SECRET_WORDS = re.compile(r"secret|password|token|access_key|credential|session_key", re.IGNORECASE)
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
@@ -58,10 +58,6 @@ def metric_key(name: str) -> str:
     return _BAD_CHARS.sub(".", name)
 
 
-def is_secret_key(key: str) -> bool:
-    return bool(SECRET_WORDS.search(key))
-
-
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> ``{"a.b.c": "value"}`` with secret-looking keys dropped."""
     out: dict[str, str] = {}
@@ -73,7 +69,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}{v['name']}."))
     else:
         key = prefix.rstrip(".")
-        if not is_secret_key(key):
+        if not is_secret_name(key):
             out[key] = str(data)[:500]
     return out
 
@@ -110,7 +106,7 @@ class StageTracker:
         if self.active:
             import mlflow
 
-            mlflow.set_tags({k: v for k, v in tags.items() if not is_secret_key(k)})
+            mlflow.set_tags({k: v for k, v in tags.items() if not is_secret_name(k)})
 
 
 @contextlib.contextmanager
@@ -148,7 +144,7 @@ def pipeline_run(
     os.environ.pop("MLFLOW_RUN_ID", None)
     configure(cfg)
     with mlflow.start_run(
-        run_name=name, tags={k: v for k, v in tags.items() if not is_secret_key(k)}
+        run_name=name, tags={k: v for k, v in tags.items() if not is_secret_name(k)}
     ) as run:
         flat = {metric_key(k): v for k, v in flatten(params).items()}
         items = sorted(flat.items())

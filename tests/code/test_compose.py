@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.runners import SECRET_NAME
-from flows.stack import SeaweedFS, find_weed, free_port
+from devstack import SeaweedFS, find_weed, free_port
+from xlearner.secrets import SECRET_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"

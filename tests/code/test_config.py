@@ -142,7 +142,7 @@ def test_no_ssl_variant_needs_a_self_supervised_task(tmp_path):
 
 
 def test_hard_sharing_sees_as_many_images_as_expansion_and_reconciliation():
-    from stages.expand import hard_sharing_budget
+    from xlearner.expand import hard_sharing_budget
 
     cfg = load_config(QUICKSTART)
     budget = hard_sharing_budget(cfg)

@@ -1,4 +1,4 @@
-"""The comparison report (xlearner/report.py)."""
+"""The comparison report (xlearner/transfer/report.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from xlearner.report import build_report, format_table, write_report
+from xlearner.transfer.report import ReportRow, build_report, format_table, write_report
 
 
 def rows() -> list[dict]:
@@ -133,3 +133,10 @@ def test_bad_rows_raise_clear_errors(bad_rows, match):
 def test_write_report_rejects_a_raw_row_list(tmp_path):
     with pytest.raises(ValueError, match="not a report from build_report"):
         write_report({"rows": rows()}, tmp_path)
+
+
+def test_rows_may_be_report_row_models():
+    typed = [ReportRow.model_validate(row) for row in rows()]
+    assert build_report(typed) == build_report(rows())
+    with pytest.raises(ValueError, match=r"seg\['voc'\] must be a percentage"):
+        ReportRow(name="a", seg={"voc": -1.0})

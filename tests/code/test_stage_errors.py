@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
-from stages import squeeze, transfer
+from stages import expand, squeeze, transfer
 from tests.pipeline_config import tiny_config_dict
 from xlearner.config import validate_config
+from xlearner.contract import RESULT_FILE, RESULT_PREFIX, ExitCode
 from xlearner.data.ingest import ingest_source, split_of
 from xlearner.models.multitask import backbone_trunk_spec, build_model, save_model
 from xlearner.store import LocalStore
@@ -108,3 +111,38 @@ def test_squeeze_refuses_a_student_larger_than_the_teacher(tmp_path, synth_data,
     assert code == 2
     assert "squeeze target resnet50" in out and "larger than the teacher" in out
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_squeeze_wants_either_a_teacher_or_sub_models(tmp_path, synth_data, capsys):
+    config = write_config(tmp_path, tiny_config_dict(str(synth_data.root), str(tmp_path / "store")))
+    for flags in ([], ["--teacher", "t", "--sub-model", "cls=s"]):
+        code = squeeze.main(["--config", str(config), *flags, "--out", str(tmp_path / "out")])
+        assert code == ExitCode.BAD_INPUT
+        assert "give either --teacher" in capsys.readouterr().out
+
+
+def test_a_malformed_pair_or_config_is_bad_input(tmp_path, synth_data, capsys):
+    config = write_config(tmp_path, tiny_config_dict(str(synth_data.root), str(tmp_path / "store")))
+    out = str(tmp_path / "out")
+    assert expand.main(["--config", str(config), "--task", "cls", "--manifest", "x", "--out", out])
+    assert "--manifest 'x': expected NAME=VALUE" in capsys.readouterr().out
+    code = expand.main(["--config", str(tmp_path / "nope.yaml"), "--task", "cls", "--out", out])
+    assert code == ExitCode.BAD_INPUT
+    assert "stage expand failed: config file" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # argparse: an unknown flag
+        expand.main(["--config", str(config), "--task", "cls", "--bogus", "--out", out])
+    assert exit_.value.code == ExitCode.BAD_INPUT
+
+
+def test_a_published_output_is_skipped_with_its_result(tmp_path, synth_data, capsys):
+    config = write_config(tmp_path, tiny_config_dict(str(synth_data.root), str(tmp_path / "store")))
+    out = tmp_path / "out"
+    out.mkdir()
+    published = {"task": "cls", "metrics": {"s:cls": {"top1": 0.5}}, "out": str(out), "files": {}}
+    (out / RESULT_FILE).write_text(json.dumps(published))
+    assert expand.main(["--config", str(config), "--task", "cls", "--out", str(out)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(RESULT_PREFIX)][-1]
+    result = json.loads(line.removeprefix(RESULT_PREFIX))
+    assert result.pop("seconds") >= 0
+    assert result == {**published, "skipped": True, "stage": "expand"}
+    assert json.loads((out / RESULT_FILE).read_text()) == published

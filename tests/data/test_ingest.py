@@ -184,6 +184,67 @@ def test_image_size_downscales_big_images(tmp_path, synth_data):
     assert plain["version"] != manifest["version"]
 
 
+def test_max_side_re_encodes_big_images_and_scales_their_targets(tmp_path):
+    from io import BytesIO
+
+    import numpy as np
+    from data_helpers import write_coco, write_image, write_mask
+    from PIL import Image
+
+    from xlearner.config import IngestConfig
+    from xlearner.store import open_store
+
+    root = tmp_path / "det"
+    write_image(root / "images" / "a.jpg", size=(400, 200))
+    write_image(root / "images" / "b.png", size=(300, 600))
+    write_image(root / "images" / "c.png", size=(60, 50))
+    write_coco(
+        root,
+        [{"id": i, "file_name": f} for i, f in enumerate(["a.jpg", "b.png", "c.png"], 1)],
+        [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 50, 200, 100]},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [30, 60, 90, 120]},
+        ],
+        [{"id": 1, "name": "thing"}],
+    )
+    store = open_store(str(tmp_path / "store"))
+    small, _ = ingest(store, root, fmt="det", val_fraction=0.0, options=IngestConfig(max_side=100))
+    assert small["max_side"] == 100
+    samples = shard_members(store, small, "train", tmp_path)
+    records = {}
+    for shard in small["splits"]["train"]["shards"]:
+        local = store.local_copy(f"sources/src/{small['version']}/{shard['file']}", tmp_path)
+        with tarfile.open(local) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    record = json.loads(tar.extractfile(m).read())
+                    records[record["file"]] = record
+    a = Image.open(BytesIO(samples["images/a.jpg"]["jpg"]))
+    b = Image.open(BytesIO(samples["images/b.png"]["png"]))
+    assert (a.format, a.size, b.format, b.size) == ("JPEG", (100, 50), "PNG", (50, 100))
+    assert max(a.size) <= 100 and max(b.size) <= 100
+    assert (records["images/a.jpg"]["width"], records["images/a.jpg"]["height"]) == (100, 50)
+    assert records["images/a.jpg"]["boxes"] == [[25.0, 12.5, 75.0, 37.5]]  # x 1/4 with it
+    assert records["images/b.png"]["boxes"] == [[5.0, 10.0, 20.0, 30.0]]  # x 1/6
+    assert samples["images/c.png"]["png"] == (root / "images" / "c.png").read_bytes()
+    plain, _ = ingest(store, root, fmt="det", val_fraction=0.0)
+    assert plain["max_side"] is None and plain["version"] != small["version"]
+
+    seg = tmp_path / "seg"
+    write_image(seg / "images" / "m.jpg", size=(400, 200))
+    mask = np.zeros((200, 400), dtype=np.uint8)
+    mask[40:120, 200:360] = 1
+    write_mask(seg / "masks" / "m.png", mask)
+    (seg / "classes.txt").write_text("background\nthing\n")
+    manifest, _ = ingest(
+        store, seg, fmt="seg", name="seg", val_fraction=0.0, options=IngestConfig(max_side=100)
+    )
+    sample = shard_members(store, manifest, "train", tmp_path)["images/m.jpg"]
+    small_mask = np.asarray(Image.open(BytesIO(sample["mask.png"])))
+    assert small_mask.shape == (50, 100) and set(np.unique(small_mask)) == {0, 1}
+    assert small_mask[10:30, 50:90].all() and not small_mask[:10].any()  # scaled with it
+
+
 def test_failed_upload_leaves_nothing_published_and_rerun_completes(store, synth_data, monkeypatch):
     real_upload = store.upload_file
     calls = []

@@ -1,10 +1,13 @@
-"""ShardDataset: targets per format, resizing, deterministic flips, workers, errors."""
+"""ShardDataset: targets per format, resizing, deterministic flips, workers, errors; the
+encoded (GPU decode) mode against the PIL path; per-epoch augmentation through the
+engine's loader."""
 
 from __future__ import annotations
 
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -12,13 +15,16 @@ from torch.utils.data import DataLoader
 from xlearner.config import SourceConfig
 from xlearner.data.ingest import ingest_source, manifest_key
 from xlearner.data.shards import (
+    EncodedBatch,
     ManifestError,
     ShardDataset,
     collate_fn,
+    decode_batch,
     hflip,
     load_manifest,
     view_boxes,
 )
+from xlearner.engine import StepBatchSampler, Stream, make_loader, stream_seed
 from xlearner.store import StoreError, open_store
 
 SIZE = 48
@@ -240,3 +246,122 @@ def test_manifest_errors(tmp_path, published):
         load_manifest(str(tmp_path / "broken.json"))
     with pytest.raises(ValueError, match="split must be one of"):
         ShardDataset(published["shapes_cls"], "test", SIZE)
+
+
+def assert_same_targets(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["shapes_det", "shapes_seg", "shapes_cls"])
+def test_encoded_items_decode_like_the_pil_path(published, name):
+    """The GPU decode path, run on the CPU (torchvision's decoder, the same resampling):
+    the same augmented images within 1/255 and the same targets, JPEG and PNG alike."""
+    ds = ShardDataset(published[name], "train", SIZE, train=True, seed=3)
+    ds.set_epoch(2)
+    batch = [ds.encoded_item(i) for i in range(24)]
+    kinds = {item.jpeg is not None for item, _ in batch}
+    assert kinds == {True, False}  # the synthetic sources mix JPEG and PNG
+    assert any(item.flip for item, _ in batch) and any(not item.flip for item, _ in batch)
+    images, targets = collate_fn(ds.format)(batch)
+    assert isinstance(images, EncodedBatch) and len(images) == 24
+    decoded = decode_batch(images, "cpu")
+    expected = torch.stack([ds[i][0] for i in range(24)])
+    assert decoded.shape == expected.shape == (24, 3, SIZE, SIZE)
+    assert (decoded - expected).abs().max() <= 1.5 / 255
+    assert (decoded - expected).abs().mean() < 0.3 / 255
+    for i, (_, target) in enumerate(batch):
+        assert_same_targets(target, ds[i][1])
+
+
+def test_encoded_big_jpegs_decode_like_the_pil_path(tmp_path):
+    """500x375 JPEGs to 64 px: PIL decodes at 1/4 scale (draft), the batch decoder at
+    full size; both crop the same window, so they differ by little."""
+    from data_helpers import write_coco
+    from PIL import Image
+
+    root = tmp_path / "big"
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 180, 500)[None, :, None]
+    for k in range(4):
+        pixels = (rng.random((375, 500, 3)) * 60 + ramp).astype(np.uint8)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "images" / f"{k}.jpg", quality=90)
+    write_coco(
+        root,
+        [{"id": k, "file_name": f"{k}.jpg"} for k in range(4)],
+        [{"id": k + 1, "image_id": k, "category_id": 1, "bbox": [100, 50, 200, 150]}
+         for k in range(4)],
+        [{"id": 1, "name": "thing"}],
+    )  # fmt: skip
+    store = open_store(str(tmp_path / "store"))
+    source = SourceConfig(name="big", format="det", uri=str(root), val_fraction=0.0)
+    manifest = ingest_source(source, store, log=lambda _: None)
+    ds = ShardDataset(store.uri(manifest_key("big", manifest["version"])), "train", 64, True)
+    batch = [ds.encoded_item(i) for i in range(len(ds))]
+    decoded = decode_batch(collate_fn("det")(batch)[0], "cpu")
+    expected = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert (decoded - expected).abs().mean() < 2 / 255
+    for i, (_, target) in enumerate(batch):
+        assert_same_targets(target, ds[i][1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_engine_loader_augments_per_epoch_with_the_pipeline_seed(published, workers):
+    """Through the engine's loader (in worker processes too) every epoch gets new crops
+    and flips, drawn from the pipeline seed: image i of epoch e is what
+    set_epoch(e, seed=stream_seed(seed, stream)) gives, whichever worker loads it."""
+    ds = ShardDataset(published["shapes_cls"], "train", SIZE, train=True)
+    n = len(ds)
+    stream = Stream("shapes_cls:cls", "cls", ds, None, collate_fn("cls"))
+    loader = make_loader(stream, n, seed=7, workers=workers)  # one batch = one epoch
+    epoch0, epoch1 = next(loader)[0], next(loader)[0]
+    sampler = StepBatchSampler(n, n, stream_seed(7, stream.name))
+    sampler_order = [sampler.batch(0), sampler.batch(1)]
+    reference = ShardDataset(published["shapes_cls"], "train", SIZE, train=True)
+    for epoch, images in enumerate((epoch0, epoch1)):
+        reference.set_epoch(epoch, seed=stream_seed(7, stream.name))
+        for k in (0, 1, n - 1):
+            assert torch.equal(images[k], reference[sampler_order[epoch][k]][0])
+    first = {i: epoch0[k] for k, i in enumerate(sampler_order[0])}
+    second = {i: epoch1[k] for k, i in enumerate(sampler_order[1])}
+    changed = sum(not torch.equal(first[i], second[i]) for i in range(n))
+    assert changed >= 0.9 * n  # two epochs of one image differ
+    again = make_loader(stream, n, seed=7, workers=0)
+    assert torch.equal(next(again)[0], epoch0)  # one seed: the same run
+    other = make_loader(stream, n, seed=8, workers=0)
+    assert not torch.equal(next(other)[0], epoch0)
+
+
+def test_encoded_batches_through_worker_processes_and_the_engine(published):
+    """Encoded items cross DataLoader workers (JPEG bytes as tensors), and the engine's
+    GPU-decode path, run on the CPU, trains on what decode_batch gives."""
+    from xlearner.config import EngineConfig, TrainConfig
+    from xlearner.engine import Trainer
+
+    ds = ShardDataset(published["shapes_seg"], "train", SIZE, train=True)
+    stream = Stream("shapes_seg:seg", "seg", ds, None, collate_fn("seg"))
+    plain = next(make_loader(stream, 16, seed=3, workers=0))
+    encoded = next(make_loader(stream, 16, seed=3, workers=2, encoded=True))
+    assert isinstance(encoded[0], EncodedBatch)
+    assert (decode_batch(encoded[0], "cpu") - plain[0]).abs().max() <= 1.5 / 255
+    assert torch.equal(encoded[1]["mask"], plain[1]["mask"])
+
+    class Seen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.images = []
+
+        def forward(self, images, stream, targets):
+            self.images.append(images)
+            return {"l": (images.mean() - self.w) ** 2}
+
+    model = Seen()
+    trainer = Trainer(
+        model, [stream], TrainConfig(steps=1, batch_size=16), EngineConfig(device="cpu"), seed=3
+    )
+    trainer.decode_on_device = True  # what engine.decode: gpu sets on CUDA
+    trainer.fit()
+    assert (model.images[0] - plain[0]).abs().max() <= 1.5 / 255

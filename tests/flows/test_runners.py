@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.runners import (
-    DockerRunner,
-    ProcessRunner,
-    StageFailed,
-    make_runner,
-    redact,
-    secret_values,
-    stage_command,
-)
+from flows.runners import DockerRunner, ProcessRunner, StageFailed, make_runner, stage_command
 from xlearner.config import RunnerConfig
+from xlearner.secrets import redact, secret_values
 
 
 def python_command(code: str) -> list[str]:

@@ -15,7 +15,8 @@ import pytest
 
 from tests.pipeline_config import tiny_config
 from xlearner.data.synth import synthesize
-from xlearner.models.backbones import count_parameters, create_backbone
+from xlearner.models.backbone import count_parameters
+from xlearner.models.registry import create_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The real service stack for the integration tests: SeaweedFS (S3), MLflow and Prefect.
 
-``local_stack`` (session scope) starts :class:`flows.stack.LocalStack` in a temporary
+``local_stack`` (session scope) starts :class:`devstack.LocalStack` in a temporary
 folder, on free loopback ports, with a random S3 identity, and points this test session
 at it; everything is stopped (SIGTERM, then SIGKILL after a timeout) at the end. Its API:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.stack import LocalStack, ServiceError, find_tool, find_weed
+from devstack import LocalStack, ServiceError, find_tool, find_weed
 from tests.integration.stack_helpers import StackRun, run_flow
 from tests.pipeline_config import tiny_config
 from xlearner.store import open_store

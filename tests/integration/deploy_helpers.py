@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun
 
-from flows.stack import find_tool, tail
+from devstack import find_tool, tail
 from tests.pipeline_config import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,10 +92,10 @@ class Worker(Background):
 
 
 class Served(Background):
-    """``python -m flows.deployments serve`` of one config (no sensor)."""
+    """``xlearner deploy serve`` of one config (no sensor)."""
 
     def __init__(self, config: Path, name: str, env: dict[str, str], log_path: Path):
-        command = [sys.executable, "-m", "flows.deployments", "serve", "--config", str(config),
+        command = [find_tool("xlearner"), "deploy", "serve", "--config", str(config),
                    "--name", name, "--sensor-every", "0"]  # fmt: skip
         super().__init__(command, {**env, "PYTHONPATH": str(REPO)}, log_path)
 

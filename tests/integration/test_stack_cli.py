@@ -15,7 +15,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from flows.stack import STACK_ENV, STACK_STATE, find_tool, read_env_file
+from devstack import STACK_ENV, STACK_STATE, find_tool, read_env_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

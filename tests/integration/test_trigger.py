@@ -38,6 +38,7 @@ from tests.pipeline_config import tiny_config
 from xlearner.config import ConfigError, SourceConfig, load_config, validate_config
 from xlearner.data.ingest import ingest_source
 from xlearner.store import open_store
+from xlearner.store_keys import manifest_key, stage_result
 
 TRIGGER_POOL = "xlearner-trigger-test"
 QUIET_S = 15  # how long "no run starts" is watched after the last event
@@ -111,7 +112,7 @@ def test_versions_a_pipeline_run_ingested_are_not_news(local_setup, synth_data):
     source = cfg.sources[0]
     manifest = ingest_source(source, store, image_size=cfg.model.image_size)
     # what the pipeline's ingest stage publishes last (stages/ingest.py, StageOutput.finish)
-    store.write_json("runs/ingest/k1/result.json", {"versions": {source.name: manifest["version"]}})
+    store.write_json(stage_result("ingest", "k1"), {"versions": {source.name: manifest["version"]}})
     recorder = Recorder()
     assert announce(cfg, store, emit=recorder) == [] and recorder.events == []
     assert read_state(store, cfg.name) == {source.name: {manifest["version"]: INGESTED}}
@@ -166,7 +167,7 @@ def test_landed_source_starts_exactly_one_pipeline_run(local_stack, synth_data, 
         {
             "name": "fresh_cls",
             "version": version,
-            "manifest": store.uri(f"sources/fresh_cls/{version}/manifest.json"),
+            "manifest": store.uri(manifest_key("fresh_cls", version)),
         }
     ]
     (run,) = wait_for_runs(deployment_id, 1)

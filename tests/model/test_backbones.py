@@ -9,15 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xlearner.models.backbones import (
-    BackboneError,
-    available_backbones,
-    count_parameters,
-    create_backbone,
-    load_backbone,
-    load_backbone_weights,
-    save_backbone,
-)
+from xlearner.models.backbone import count_parameters, load_backbone_weights, save_backbone
+from xlearner.models.loading import load_backbone
+from xlearner.models.registry import available_backbones, create_backbone
+from xlearner.models.spec import BackboneError
 
 EXPECTED_CHANNELS = {
     "tiny_resnet": (16, 32, 64, 128),

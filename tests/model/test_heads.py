@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 import torch
@@ -11,8 +10,10 @@ import torch
 from xlearner.config import TaskType
 from xlearner.metrics import DetectionMAP, MeanIoU, MultilabelMAP, Top1Accuracy
 from xlearner.models import heads
-from xlearner.models.backbones import create_backbone
-from xlearner.models.heads import TaskHead, create_head, register_head
+from xlearner.models.head import TaskHead, available_heads, head_class, register_head
+from xlearner.models.heads import create_head
+from xlearner.models.registry import create_backbone
+from xlearner.models.ssl import ContrastiveHead, MIMHead
 
 SIZE, BATCH, CLASSES = 64, 4, 3
 OVERFIT_STEPS = 30
@@ -113,29 +114,16 @@ def test_create_head_accepts_task_types_and_checks_its_arguments():
         register_head("cls")(heads.ClassificationHead)
 
 
-def test_ssl_heads_are_imported_on_first_use(monkeypatch, tmp_path):
-    (tmp_path / "fake_ssl_heads.py").write_text(
-        "from xlearner.metrics import MeanLoss\n"
-        "from xlearner.models.heads import TaskHead, register_head\n"
-        "@register_head('mim')\n"
-        "class FakeMIM(TaskHead):\n"
-        "    def forward(self, features, images, targets, ctx): return {}\n"
-        "    def predict(self, features): return None\n"
-        "    def metric(self): return MeanLoss()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(heads, "_HEADS", {k: v for k, v in heads._HEADS.items() if k != "mim"})
-    monkeypatch.setattr(heads, "SSL_MODULE", "fake_ssl_heads")
-    monkeypatch.delitem(sys.modules, "fake_ssl_heads", raising=False)
-    head = create_head("mim", TINY, 0, SIZE)
-    assert type(head).__name__ == "FakeMIM" and head.task == "mim"
+def test_create_head_knows_the_self_supervised_heads():
+    # heads imports ssl (a plain import): every task has its head once heads is imported
+    assert {"cls", "multilabel", "det", "seg", "mim", "contrastive"} <= set(available_heads())
+    assert isinstance(create_head("mim", TINY, 0, SIZE), MIMHead)
+    assert isinstance(create_head(TaskType.contrastive, TINY, 0, SIZE), ContrastiveHead)
 
 
-def test_a_missing_ssl_module_reads_as_an_unknown_task(monkeypatch):
-    monkeypatch.setattr(
-        heads, "_HEADS", {k: v for k, v in heads._HEADS.items() if k != "contrastive"}
-    )
-    monkeypatch.setattr(heads, "SSL_MODULE", "xlearner.models.no_such_module")
+def test_an_unregistered_task_reads_as_an_unknown_task(monkeypatch):
+    registered = {task: head_class(task) for task in available_heads() if task != "contrastive"}
+    monkeypatch.setattr("xlearner.models.head._HEADS", registered)
     with pytest.raises(ValueError, match="no head for task 'contrastive'"):
         create_head("contrastive", TINY, 0, SIZE)
 

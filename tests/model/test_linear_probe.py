@@ -1,4 +1,4 @@
-"""Feature extraction and the L-BFGS linear probe (xlearner/transfer.py)."""
+"""Feature extraction and the L-BFGS linear probe (xlearner/transfer/probe.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xlearner.transfer import (
+from xlearner.transfer.probe import (
     UnseenClassesError,
     _fit_softmax_regression,
     extract_features,

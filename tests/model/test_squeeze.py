@@ -12,27 +12,23 @@ from torch.utils.data import Dataset, default_collate
 
 from xlearner.config import EngineConfig, SqueezeConfig, TrainConfig
 from xlearner.engine import Stream
-from xlearner.models.backbones import (
-    BackboneError,
-    count_parameters,
-    create_backbone,
-    load_backbone,
-)
+from xlearner.models.backbone import count_parameters
+from xlearner.models.loading import load_backbone
 from xlearner.models.multitask import (
     MultiTaskModel,
     backbone_trunk_spec,
     build_model,
     reconciled_trunk_spec,
 )
+from xlearner.models.pruned import load_pruned_backbone, save_pruned_backbone
+from xlearner.models.registry import create_backbone
+from xlearner.models.spec import PRUNED_ARCHITECTURE, BackboneError
 from xlearner.squeeze import (
-    PRUNED_ARCHITECTURE,
     DistillationObjective,
     FeatureAdapter,
     count_flops,
     distill,
-    load_pruned_backbone,
     prune,
-    save_pruned_backbone,
 )
 
 SIZE = 32

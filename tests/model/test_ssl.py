@@ -10,9 +10,9 @@ import torch
 
 from xlearner.config import HeadsConfig
 from xlearner.metrics import MeanLoss
-from xlearner.models.backbones import create_backbone
 from xlearner.models.heads import create_head
 from xlearner.models.multitask import backbone_trunk_spec, build_model, load_model, save_model
+from xlearner.models.registry import create_backbone
 from xlearner.models.ssl import (
     ContrastiveHead,
     MIMHead,

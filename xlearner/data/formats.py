@@ -30,12 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from xlearner.config import SourceFormat
 from xlearner.store import StoreError, is_s3, open_store
+from xlearner.tasks import IGNORE_INDEX, SourceFormat
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png"}
-IGNORE_INDEX = 255
 MAX_LISTED_PROBLEMS = 100
 
 
@@ -201,10 +199,6 @@ def safe_relpath(name: str) -> str | None:
     if not parts or ".." in parts:
         return None
     return "/".join(parts)
-
-
-def is_image_name(rel: str) -> bool:
-    return Path(rel).suffix.lower() in IMAGE_SUFFIXES
 
 
 # ---------------------------------------------------------------- indexes

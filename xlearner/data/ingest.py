@@ -9,8 +9,9 @@ last: its presence means the version is complete. An existing manifest makes the
 ingest a no-op.
 
 Shards are WebDataset-style tars (``train-000000.tar``, ...): per sample
-``<key>.<jpg|png>`` (the original encoded bytes), ``<key>.json`` (the label record) and,
-for segmentation, ``<key>.mask.png``.
+``<key>.<jpg|png>`` (the original encoded bytes, or re-encoded smaller with
+``max_side`` / ``image_size``), ``<key>.json`` (the label record) and, for
+segmentation, ``<key>.mask.png``.
 """
 
 from __future__ import annotations
@@ -23,30 +24,22 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from xlearner.config import DownstreamConfig, SourceConfig, SourceFormat
+from xlearner.config import DownstreamConfig, IngestConfig, SourceConfig, SourceFormat
 from xlearner.data.formats import Record, SourceReader
+from xlearner.data.manifest import MANIFEST_FORMAT
+from xlearner.progress import Progress
 from xlearner.store import ArtifactStore, S3Store, join
+from xlearner.store_keys import manifest_key, source_latest, source_prefix
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "xlearner-manifest/1"
 SPLITS = ("train", "val")
 PROGRESS_EVERY_S = 5.0
-
-
-def source_prefix(name: str, version: str | None = None) -> str:
-    return join("sources", name, version or "")
-
-
-def manifest_key(name: str, version: str) -> str:
-    """Store key of a version's manifest (``sources/<name>/<version>/manifest.json``)."""
-    return join(source_prefix(name, version), "manifest.json")
 
 
 def split_of(file: str, val_fraction: float, seed: int) -> str:
@@ -72,16 +65,22 @@ def class_counts(format: SourceFormat, label: dict[str, Any]) -> list[int]:
     return []
 
 
-def downscale(record: Record, image_size: int) -> Record:
-    """Shrink a record whose shorter side exceeds ``2 * image_size`` (re-encoded).
+def downscale(record: Record, image_size: int | None = None, max_side: int | None = None) -> Record:
+    """Shrink a record (re-encoded) whose shorter side exceeds ``2 * image_size`` (to
+    ``image_size``) or whose longer side exceeds ``max_side`` (to ``max_side``); the
+    smaller of the two when both apply. Other records are returned as they are.
 
-    The loader resizes to ``image_size`` anyway; this only saves bytes and decode time
-    for large sources. Boxes are scaled, masks resized with NEAREST.
+    The loader resizes to the training size anyway; this saves bytes and decode time.
+    Boxes are scaled with the image, masks resized with NEAREST.
     """
-    shorter = min(record.width, record.height)
-    if shorter <= 2 * image_size:
+    scale = 1.0
+    shorter, longer = min(record.width, record.height), max(record.width, record.height)
+    if image_size is not None and shorter > 2 * image_size:
+        scale = image_size / shorter
+    if max_side is not None and longer > max_side:
+        scale = min(scale, max_side / longer)
+    if scale >= 1.0:
         return record
-    scale = image_size / shorter
     size = (max(1, round(record.width * scale)), max(1, round(record.height * scale)))
     with Image.open(io.BytesIO(record.data)) as image:
         small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
@@ -161,42 +160,12 @@ class ShardWriter:
         return self.shards
 
 
-@dataclass
-class Progress:
-    """Throughput/ETA log lines at most every ``PROGRESS_EVERY_S`` seconds."""
-
-    name: str
-    total: int
-    log: Callable[[str], None]
-    done: int = 0
-    bytes: int = 0
-    start: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
-
-    def update(self, nbytes: int) -> None:
-        self.done += 1
-        self.bytes += nbytes
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S or self.done == self.total:
-            self.last = now
-            self.log(self.line())
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate else float("inf")
-        return (
-            f"ingest {self.name}: {self.done}/{self.total} images "
-            f"({100 * self.done / max(self.total, 1):.0f}%), "
-            f"{rate:.0f} images/s, {self.bytes / elapsed / 2**20:.1f} MB/s, ETA {eta:.1f} s"
-        )
-
-
 def ingest_source(
     source: SourceConfig | DownstreamConfig,
     store: ArtifactStore,
     *,
     image_size: int | None = None,
+    options: IngestConfig | None = None,
     shard_bytes: int = 128 * 2**20,
     log: Callable[[str], None] = logger.info,
     endpoint_url: str | None = None,
@@ -204,9 +173,12 @@ def ingest_source(
     """Validate, split, shard and publish ``source`` to ``store``; returns the manifest.
 
     ``image_size``: when given, images whose shorter side exceeds twice this are
-    downscaled at ingest (part of the version). ``endpoint_url``: the S3 endpoint of
-    an ``s3://`` source; default: the store's.
+    downscaled at ingest. ``options`` (the config's ``ingest`` section):
+    ``max_side`` re-encodes images whose longer side exceeds it to that side. Both are
+    part of the version. ``endpoint_url``: the S3 endpoint of an ``s3://`` source;
+    default: the store's.
     """
+    max_side = options.max_side if options is not None else None
     if endpoint_url is None and isinstance(store, S3Store):
         endpoint_url = store.endpoint_url
     skip_invalid = getattr(source, "skip_invalid", False)
@@ -219,10 +191,12 @@ def ingest_source(
         "image_size": image_size,
         "manifest_format": MANIFEST_FORMAT,
     }
+    if max_side is not None:  # absent when unset: earlier versions keep their hash
+        params["max_side"] = max_side
     content = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     num_classes = len(reader.classes)
     counts = {s: [0] * num_classes for s in SPLITS}
-    progress = Progress(source.name, len(reader.entries), log)
+    progress = Progress(len(reader.entries), clock=time.monotonic)
     log(
         f"ingest {source.name}: {len(reader.entries)} images "
         f"from {source.uri} ({source.format.value})"
@@ -231,8 +205,8 @@ def ingest_source(
     with tempfile.TemporaryDirectory(prefix="xlearner-ingest-") as staging:
         writers = {s: ShardWriter(Path(staging), s, shard_bytes) for s in SPLITS}
         for record in reader.records(skip_invalid):
-            if image_size is not None:
-                record = downscale(record, image_size)
+            if image_size is not None or max_side is not None:
+                record = downscale(record, image_size, max_side)
             split = split_of(record.file, source.val_fraction, source.split_seed)
             label_json = json.dumps(
                 {
@@ -250,7 +224,9 @@ def ingest_source(
             writers[split].write(record, label_json)
             for c in class_counts(source.format, record.label):
                 counts[split][c] += 1
-            progress.update(len(record.data))
+            progress.update(items=1, nbytes=len(record.data))
+            if progress.due(PROGRESS_EVERY_S):
+                log(f"ingest {source.name}: {progress.line('images', with_bytes=True)}")
         shards = {s: w.close() for s, w in writers.items()}
         content_hash = content.hexdigest()
         version = content_hash[:16]
@@ -277,6 +253,7 @@ def ingest_source(
         "num_classes": num_classes,
         "split": {"val_fraction": source.val_fraction, "seed": source.split_seed},
         "image_size": image_size,
+        "max_side": max_side,
         "splits": {
             s: {
                 "records": writers[s].records,
@@ -290,13 +267,10 @@ def ingest_source(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     store.write_json(key, manifest)  # last: its presence = published
-    store.write_json(
-        join(source_prefix(source.name), "latest.json"), {"version": version, "manifest": key}
-    )
-    elapsed = time.monotonic() - progress.start
+    store.write_json(source_latest(source.name), {"version": version, "manifest": key})
     log(
-        f"ingest {source.name}: published version {version} ({progress.done} images, "
+        f"ingest {source.name}: published version {version} ({progress.items} images, "
         f"{sum(len(v) for v in shards.values())} shards, {len(reader.problems)} skipped) "
-        f"in {elapsed:.1f} s = {progress.done / max(elapsed, 1e-9):.0f} images/s"
+        f"in {progress.elapsed:.1f} s = {progress.rate():.0f} images/s"
     )
     return manifest

@@ -1,8 +1,9 @@
 """Task heads: from a trunk's features [C2, C3, C4, C5] to losses, predictions and a metric.
 
 One head per (source, task) stream, created by task type with :func:`create_head`. The
-supervised heads live here; ``mim`` and ``contrastive`` are registered by
-``xlearner.models.ssl``, imported on first use.
+supervised heads live here; ``mim`` and ``contrastive`` live in :mod:`xlearner.models.ssl`
+(imported here, so that ``create_head`` knows every task); the interface and the
+registry are :mod:`xlearner.models.head`.
 
 - ``cls``: global average pool of C5 -> linear; cross-entropy; metric top-1.
 - ``multilabel``: the same with binary cross-entropy per class; metric mAP.
@@ -19,10 +20,8 @@ supervised heads live here; ``mim`` and ``contrastive`` are registered by
 
 from __future__ import annotations
 
-import importlib
-from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,59 +32,10 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
+import xlearner.models.ssl  # noqa: F401  (registers the mim and contrastive heads)
 from xlearner.metrics import DetectionMAP, MeanIoU, MetricAccumulator, MultilabelMAP, Top1Accuracy
-
-IGNORE_INDEX = 255
-SELF_SUPERVISED_TASKS = ("mim", "contrastive")
-SSL_MODULE = "xlearner.models.ssl"
-
-
-class TaskHead(nn.Module, ABC):
-    """The interface every head implements (docs/architecture.md, "Heads")."""
-
-    task: str = ""
-
-    def __init__(self, channels: Sequence[int], num_classes: int, image_size: int) -> None:
-        super().__init__()
-        self.channels = tuple(channels)
-        self.num_classes = num_classes
-        self.image_size = image_size
-
-    def prepare_inputs(self, images: Tensor) -> tuple[Tensor, Any]:
-        """What the trunk sees, and a context for ``forward``; identity for supervised heads."""
-        return images, None
-
-    @abstractmethod
-    def forward(
-        self, features: Sequence[Tensor], images: Tensor, targets: Any, ctx: Any
-    ) -> dict[str, Tensor]:
-        """Named losses; their sum is the training loss."""
-
-    @abstractmethod
-    def predict(self, features: Sequence[Tensor]) -> Any: ...
-
-    @abstractmethod
-    def metric(self) -> MetricAccumulator: ...
-
-
-_HEADS: dict[str, type[TaskHead]] = {}
-
-
-def register_head(task: str) -> Callable[[type[TaskHead]], type[TaskHead]]:
-    """Class decorator: ``create_head(task, ...)`` builds this class."""
-
-    def decorator(cls: type[TaskHead]) -> type[TaskHead]:
-        if task in _HEADS:
-            raise ValueError(f"a head for task {task!r} is already registered: {_HEADS[task]}")
-        cls.task = task
-        _HEADS[task] = cls
-        return cls
-
-    return decorator
-
-
-def available_heads() -> list[str]:
-    return sorted(_HEADS)
+from xlearner.models.head import TaskHead, head_class, register_head
+from xlearner.tasks import IGNORE_INDEX, SELF_SUPERVISED
 
 
 def create_head(
@@ -93,19 +43,12 @@ def create_head(
 ) -> TaskHead:
     """A head for ``task`` on a trunk with C2..C5 ``channels`` (``num_classes`` unused by SSL)."""
     task = str(task)  # TaskType is a StrEnum
-    if task not in _HEADS and task in SELF_SUPERVISED_TASKS:
-        try:
-            importlib.import_module(SSL_MODULE)  # registers mim / contrastive
-        except ModuleNotFoundError as err:
-            if err.name != SSL_MODULE:
-                raise
-    if task not in _HEADS:
-        raise ValueError(f"no head for task {task!r}; available: {available_heads()}")
-    if task not in SELF_SUPERVISED_TASKS and num_classes < 1:
+    head_type = head_class(task)
+    if task not in SELF_SUPERVISED and num_classes < 1:
         raise ValueError(f"a {task!r} head needs num_classes >= 1, got {num_classes}")
     if len(channels) != 4:
         raise ValueError(f"channels must list C2..C5 (4 values), got {list(channels)}")
-    return _HEADS[task](tuple(channels), num_classes, image_size, **kwargs)
+    return head_type(tuple(channels), num_classes, image_size, **kwargs)
 
 
 def head_width(channels: Sequence[int]) -> int:

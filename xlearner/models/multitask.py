@@ -5,7 +5,8 @@ baseline, a squeeze student) or a :class:`ReconciledNetwork` (the expanded model
 *stream* is a (source, task) pair named ``"<source>:<task>"``; each has its own head.
 
 A model is saved as ``model.safetensors`` + ``model.json`` (its spec: trunk, streams,
-image size), so any stage can rebuild it without pickles.
+image size; schema :class:`~xlearner.models.spec.ModelSpec`), so any stage can rebuild
+it without pickles.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from xlearner.config import SELF_SUPERVISED, TaskType
-from xlearner.models.backbones import create_backbone
-from xlearner.models.heads import TaskHead, create_head
+from xlearner.models.head import TaskHead
+from xlearner.models.heads import create_head
 from xlearner.models.reconciliation import ReconciledNetwork
-
-MODEL_FORMAT = "xlearner-model/1"
+from xlearner.models.registry import create_backbone
+from xlearner.models.spec import MODEL_FORMAT, MODEL_SPEC_FILE, MODEL_WEIGHTS_FILE, read_model_spec
+from xlearner.tasks import SELF_SUPERVISED, TaskType
 
 
 def stream_name(source: str, task: str) -> str:
@@ -72,7 +73,11 @@ def backbone_trunk_spec(architecture: str) -> dict:
 
 
 def reconciled_trunk_spec(
-    architectures: dict[str, str], mode: str, detach: bool, receive: list[int]
+    architectures: dict[str, str],
+    mode: str,
+    detach: bool,
+    receive: list[int],
+    gamma: str = "conv",
 ) -> dict:
     return {
         "kind": "reconciled",
@@ -80,6 +85,7 @@ def reconciled_trunk_spec(
         "mode": mode,
         "detach_other_tasks": detach,
         "receive_stages": receive,
+        "gamma": gamma,
     }
 
 
@@ -93,6 +99,7 @@ def build_trunk(spec: dict) -> nn.Module:
             mode=spec["mode"],
             detach_other_tasks=spec["detach_other_tasks"],
             receive_stages=tuple(spec["receive_stages"]),
+            gamma=spec.get("gamma", "conv"),  # specs written before the gamma kinds: conv
         )
     raise ValueError(f"unknown trunk kind {spec['kind']!r}")
 
@@ -124,35 +131,24 @@ def save_model(model: MultiTaskModel, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, out / "model.safetensors")
-    (out / "model.json").write_text(json.dumps({"format": MODEL_FORMAT, **model.spec}, indent=2))
-    return [out / "model.safetensors", out / "model.json"]
-
-
-def read_model_spec(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable model spec ({err})") from None
-    if spec.get("format") != MODEL_FORMAT:
-        raise ValueError(
-            f"{path}: not an xlearner model "
-            f"(format {spec.get('format')!r}, expected {MODEL_FORMAT!r})"
-        )
-    return spec
+    save_file(weights, out / MODEL_WEIGHTS_FILE)
+    spec = {"format": MODEL_FORMAT, **model.spec}
+    (out / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return [out / MODEL_WEIGHTS_FILE, out / MODEL_SPEC_FILE]
 
 
 def load_model(model_dir: str | Path) -> MultiTaskModel:
+    """Rebuild a model saved by :func:`save_model`; its spec is validated first (ValueError)."""
     model_dir = Path(model_dir)
-    spec = read_model_spec(model_dir / "model.json")
+    spec_path, weights_path = model_dir / MODEL_SPEC_FILE, model_dir / MODEL_WEIGHTS_FILE
+    spec = read_model_spec(spec_path)
     spec.pop("format")
     model = build_model(spec)
-    state = load_file(model_dir / "model.safetensors")
+    state = load_file(weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{model_dir / 'model.safetensors'} does not match {model_dir / 'model.json'}: "
+            f"{weights_path} does not match {spec_path}: "
             f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
         )
     return model

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from xlearner.distributed import all_gather_with_offset
 from xlearner.metrics import MeanLoss, MetricAccumulator
-from xlearner.models.heads import TaskHead, register_head
+from xlearner.models.head import TaskHead, register_head
+from xlearner.tasks import IMAGENET_MEAN
 
 C5_STRIDE = 32  # docs/architecture.md: C2..C5 at strides 4, 8, 16, 32
 EVAL_SEED = 0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 

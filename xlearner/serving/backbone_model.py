@@ -15,7 +15,7 @@ from mlflow.pyfunc import PythonModel
 
 class BackboneModel(PythonModel):
     def load_context(self, context) -> None:
-        from xlearner.models.backbones import load_backbone
+        from xlearner.models.loading import load_backbone
 
         self.backbone = load_backbone(context.artifacts["backbone"]).eval()
 

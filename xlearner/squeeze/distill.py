@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from xlearner.config import EngineConfig, SqueezeConfig
 from xlearner.engine import Checkpointer, MetricsCallback, Stream, Trainer, evaluate
 from xlearner.metrics import MeanLoss
-from xlearner.models.backbones import Backbone, count_parameters, create_backbone
+from xlearner.models.backbone import Backbone, count_parameters
 from xlearner.models.multitask import MultiTaskModel
+from xlearner.models.registry import create_backbone
 
 log = logging.getLogger("xlearner.squeeze")
 

@@ -32,11 +32,11 @@ import torch_pruning as tp
 
 from xlearner.config import EngineConfig, SqueezeConfig
 from xlearner.engine import Checkpointer, MetricsCallback, Stream
-from xlearner.models.backbones import count_parameters
+from xlearner.models.backbone import count_parameters
 from xlearner.models.multitask import MultiTaskModel
+from xlearner.models.pruned import PrunedReconciledBackbone
 from xlearner.models.reconciliation import ReconciledNetwork
 from xlearner.squeeze.distill import DistillationObjective, train_objective
-from xlearner.squeeze.pruned_backbone import PrunedReconciledBackbone
 
 log = logging.getLogger("xlearner.squeeze")
 

@@ -1,10 +1,10 @@
-"""Transfer evaluation of a backbone on held-out downstream data sets.
+"""Linear-probe transfer of a frozen backbone to a downstream classification set.
 
 Sections:
 - feature extraction: frozen backbone -> globally pooled features;
 - linear probe: multinomial logistic regression fitted with full-batch L-BFGS, its L2
   strength chosen on a held-out part of the train features;
-- detection / segmentation fine-tuning (added separately).
+- :func:`probe_top1`: both on a downstream source's manifest (what the stage reports).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from xlearner.config import PipelineConfig
+from xlearner.data.shards import ShardDataset, collate_fn
+
+logger = logging.getLogger("xlearner.transfer")
 
 LEVEL_NAMES = {1: "C2", 2: "C3", 3: "C4", 4: "C5"}
 PROGRESS_EVERY_S = 10.0
@@ -368,3 +371,44 @@ def fit_linear_probe(
         result.seconds,
     )
     return result
+
+
+# --------------------------------------------------------------------------------------
+# On a downstream source
+# --------------------------------------------------------------------------------------
+
+FEATURE_BATCH = 128
+
+
+def probe_top1(
+    backbone: nn.Module,
+    manifest_uri: str,
+    name: str,
+    cfg: PipelineConfig,
+    device: torch.device | str,
+) -> float:
+    """Linear-probe top-1 (percent) of ``backbone`` on the downstream source ``name``."""
+    loaders = []
+    for split in ("train", "val"):
+        ds = ShardDataset(manifest_uri, split, cfg.model.image_size)
+        loaders.append(
+            torch.utils.data.DataLoader(ds, batch_size=FEATURE_BATCH, collate_fn=collate_fn("cls"))
+        )
+        num_classes = ds.num_classes
+    train_x, train_y = extract_features(backbone, loaders[0], device)
+    val_x, val_y = extract_features(backbone, loaders[1], device)
+    try:
+        result = fit_linear_probe(
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            num_classes=num_classes,
+            l2_grid=cfg.transfer.probe_l2,
+            max_iter=cfg.transfer.probe_max_iter,
+            seed=cfg.seed,
+            device=device,
+        )
+    except UnseenClassesError as err:
+        raise ValueError(f"downstream source {name!r} ({manifest_uri}): {err}") from None
+    return result.top1

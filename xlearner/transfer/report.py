@@ -1,9 +1,9 @@
 """The comparison report: one row per variant or baseline, its transfer results.
 
-``build_report(rows)`` validates the rows and adds the averages; ``write_report`` writes
-``report.json``, ``report.md`` (a table like the paper's) and ``report.png`` (a grouped
-bar chart). Metrics are percentages (0-100); a value that was not measured is ``None``
-or absent and renders as ``-``.
+``build_report(rows)`` validates the rows (:class:`ReportRow`) and adds the averages;
+``write_report`` writes ``report.json``, ``report.md`` (a table like the paper's) and
+``report.png`` (a grouped bar chart). Metrics are percentages (0-100); a value that was
+not measured is ``None`` or absent and renders as ``-``.
 
 A row: ``{"name": str, "cls": {dataset: top1}, "det": {dataset: mAP},
 "seg": {dataset: mIoU}, "parameters": int, "train_images": int}``.
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from xlearner.store import atomic_write
 
 REPORT_FORMAT = "xlearner-report/1"
 TASKS = ("cls", "det", "seg")
@@ -31,43 +34,72 @@ SUMMARIES = {"avg_cls": "AVG Cls", "det_map": "Det mAP", "seg_miou": "Seg mIoU"}
 SUMMARY_OF_TASK = {"cls": "avg_cls", "det": "det_map", "seg": "seg_miou"}
 
 
+class ReportRow(BaseModel):
+    """One variant or baseline: its transfer metrics (percent) per downstream data set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    cls: dict[str, float | None] = Field(default_factory=dict)  # dataset -> linear-probe top-1
+    det: dict[str, float | None] = Field(default_factory=dict)  # dataset -> box mAP
+    seg: dict[str, float | None] = Field(default_factory=dict)  # dataset -> mIoU
+    parameters: int | None = None
+    train_images: int | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("'name' must be a non-empty string")
+        return value
+
+    @field_validator(*TASKS, mode="before")
+    @classmethod
+    def _metrics(cls, metrics: Any, info: ValidationInfo) -> dict[str, float | None]:
+        task = info.field_name
+        metrics = metrics or {}
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{task!r} must be a dict dataset -> percent")
+        checked: dict[str, float | None] = {}
+        for dataset, value in metrics.items():
+            if value is None:
+                checked[dataset] = None
+                continue
+            if (
+                not isinstance(dataset, str)
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and 0.0 <= value <= 100.0)
+            ):
+                raise ValueError(
+                    f"{task}[{dataset!r}] must be a percentage in [0, 100] (or None); got {value!r}"
+                )
+            checked[dataset] = float(value)
+        return checked
+
+    @field_validator("parameters", "train_images", mode="before")
+    @classmethod
+    def _count(cls, value: Any, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"{info.field_name!r} must be a non-negative int (or None); got {value!r}"
+            )
+        return value
+
+
 def _row_error(index: int, row: dict, message: str) -> ValueError:
     name = row.get("name") if isinstance(row, dict) else None
     where = f"report row {index}" + (f" ({name!r})" if isinstance(name, str) else "")
     return ValueError(f"{where}: {message}")
 
 
-def _check_metrics(index: int, row: dict, task: str) -> dict[str, float | None]:
-    metrics = row.get(task) or {}
-    if not isinstance(metrics, dict):
-        raise _row_error(index, row, f"{task!r} must be a dict dataset -> percent")
-    checked: dict[str, float | None] = {}
-    for dataset, value in metrics.items():
-        if value is None:
-            checked[dataset] = None
-            continue
-        if (
-            not isinstance(dataset, str)
-            or isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (math.isfinite(value) and 0.0 <= value <= 100.0)
-        ):
-            raise _row_error(
-                index,
-                row,
-                f"{task}[{dataset!r}] must be a percentage in [0, 100] (or None); got {value!r}",
-            )
-        checked[dataset] = float(value)
-    return checked
-
-
-def _check_count(index: int, row: dict, key: str) -> int | None:
-    value = row.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _row_error(index, row, f"{key!r} must be a non-negative int (or None); got {value!r}")
-    return value
+def _first_problem(err: ValidationError) -> str:
+    """The message of the first failed check (a validator's own words, without prefix)."""
+    error = err.errors()[0]
+    cause = (error.get("ctx") or {}).get("error")
+    return str(cause) if isinstance(cause, ValueError) else error["msg"]
 
 
 def _summary(values: dict[str, float | None], datasets: list[str]) -> float | None:
@@ -77,7 +109,7 @@ def _summary(values: dict[str, float | None], datasets: list[str]) -> float | No
     return fmean(values[d] for d in datasets)
 
 
-def build_report(rows: list[dict]) -> dict:
+def build_report(rows: list[dict | ReportRow]) -> dict:
     """Validate the rows and add per-task summaries (``avg_cls``, ``det_map``, ``seg_miou``).
 
     A summary averages over every data set of that task in the report, so it is only
@@ -88,24 +120,22 @@ def build_report(rows: list[dict]) -> dict:
         raise ValueError("build_report needs a non-empty list of row dicts")
     checked = []
     for index, row in enumerate(rows):
+        if isinstance(row, ReportRow):
+            row = row.model_dump()
         if not isinstance(row, dict):
             raise ValueError(f"report row {index} must be a dict; got {type(row).__name__}")
         unknown = sorted(set(row) - ROW_KEYS)
         if unknown:
             raise _row_error(index, row, f"unknown keys {unknown}; allowed: {sorted(ROW_KEYS)}")
-        name = row.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise _row_error(index, row, "'name' must be a non-empty string")
-        if any(name == other["name"] for other in checked):
-            raise _row_error(index, row, f"duplicate name {name!r}: every row needs its own name")
-        checked.append(
-            {
-                "name": name,
-                **{task: _check_metrics(index, row, task) for task in TASKS},
-                "parameters": _check_count(index, row, "parameters"),
-                "train_images": _check_count(index, row, "train_images"),
-            }
-        )
+        try:
+            valid = ReportRow.model_validate(row).model_dump()
+        except ValidationError as err:
+            raise _row_error(index, row, _first_problem(err)) from None
+        if any(valid["name"] == other["name"] for other in checked):
+            raise _row_error(
+                index, row, f"duplicate name {valid['name']!r}: every row needs its own name"
+            )
+        checked.append(valid)
     datasets = {
         task: list(dict.fromkeys(d for row in checked for d in row[task])) for task in TASKS
     }
@@ -223,23 +253,14 @@ def _chart(report: dict) -> Figure:
     return figure
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into the folder ``out_dir``."""
     _check_report(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"report.{kind}" for kind in ("json", "md", "png")}
-    _write_atomic(paths["json"], lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    _write_atomic(paths["md"], lambda p: p.write_text(_markdown(report)))
+    atomic_write(paths["json"], lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(paths["md"], lambda p: p.write_text(_markdown(report)))
     figure = _chart(report)
-    _write_atomic(paths["png"], lambda p: figure.savefig(p, format="png", dpi=120))
+    atomic_write(paths["png"], lambda p: figure.savefig(p, format="png", dpi=120))
     return paths

@@ -74,7 +74,7 @@ def _stage_main(
 
 
 class ForkedStage:
-    """A running stage forked from the fork server (a :class:`flows.runners.ChildProcess`)."""
+    """A stage forked from the fork server (a :class:`flows.runners.process.LocalProcess`)."""
 
     def __init__(
         self, module: str, args: list[str], env: Mapping[str, str], cwd: str | os.PathLike | None

@@ -1,29 +1,26 @@
-"""Expansion, reconciliation and hard-sharing training: what the training stages call.
+"""What the training steps share: the streams of the ingested sources, one training job.
 
-Each function builds its model and streams from the config and the ingested source
-manifests, trains with the one engine and returns the trained model with its
-validation metrics. Publishing is the stage's job.
+A *stream* is one (source, task) pair: a source feeding two tasks gives two streams. A
+:class:`TrainingJob` is a model with its streams and budget, made before the stage's
+tracking run starts; :meth:`TrainingJob.run` trains it with the one engine, evaluates it
+and returns what to publish (:class:`Trained`). Publishing is :mod:`xlearner.outputs`'.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+from torch import nn
 
+from xlearner import tracking
 from xlearner.config import HeadsConfig, PipelineConfig, TaskType, TrainConfig
 from xlearner.data.shards import ShardDataset, collate_fn
 from xlearner.engine import Checkpointer, MetricsCallback, Stream, Trainer, evaluate
-from xlearner.models.backbones import load_backbone
-from xlearner.models.multitask import (
-    MultiTaskModel,
-    backbone_trunk_spec,
-    build_model,
-    load_model,
-    reconciled_trunk_spec,
-    stream_name,
-)
+from xlearner.models.multitask import MultiTaskModel, stream_name
 
 log = logging.getLogger("xlearner.train")
 
@@ -89,7 +86,7 @@ def count_images(streams: list[Stream]) -> int:
     return sum(sizes.values())
 
 
-def fit(
+def fit_and_evaluate(
     model: MultiTaskModel,
     streams: list[Stream],
     train_cfg: TrainConfig,
@@ -99,6 +96,10 @@ def fit(
     checkpointer: Checkpointer | None,
     on_metrics: MetricsCallback | None,
 ) -> tuple[dict[str, dict[str, float]], int]:
+    """Train (resuming from ``checkpointer``), then evaluate on every stream's val split.
+
+    Returns the validation metrics per stream and the step training resumed from.
+    """
     trainer = Trainer(
         model,
         streams,
@@ -116,57 +117,50 @@ def fit(
     return metrics, start_step
 
 
-def init_trunk_from_backbone(model: MultiTaskModel, backbone_path: str | Path) -> None:
-    """Start a single-trunk model from a published backbone (Squeeze-Expansion)."""
-    source = load_backbone(backbone_path)
-    model.trunk.load_state_dict(source.state_dict())
+@dataclass
+class Trained:
+    """What a training step hands to :func:`xlearner.outputs.publish_trained`."""
+
+    metrics: dict[str, Any]  # validation metrics (also ``metrics.json``)
+    extra: dict[str, Any]  # further fields of the stage result
+    model: MultiTaskModel | None = None  # published as ``model/``
+    backbone: nn.Module | None = None  # published as ``backbone/``
+    # how the backbone is saved into a folder (returns its spec); None: save_backbone
+    save_backbone: Callable[[nn.Module, Path], dict[str, Any]] | None = None
 
 
-def build_single_trunk_model(
-    cfg: PipelineConfig, streams: list[Stream], architecture: str | None = None
-) -> MultiTaskModel:
-    torch.manual_seed(cfg.seed)
-    return build_model(
-        {
-            "trunk": backbone_trunk_spec(architecture or cfg.model.backbone),
-            "streams": stream_specs(streams, cfg.heads),
-            "image_size": cfg.model.image_size,
-        }
-    )
+@dataclass
+class TrainingJob:
+    """A multi-task model ready to train: its streams, budget and what the run logs."""
 
+    cfg: PipelineConfig
+    name: str  # the tracking run's and the engine's name
+    model: MultiTaskModel
+    streams: list[Stream]
+    train_cfg: TrainConfig
+    params: dict[str, Any]  # logged as the tracking run's parameters
+    extra: dict[str, Any] = field(default_factory=dict)  # further result fields
+    start_metrics: dict[str, float] = field(default_factory=dict)  # logged before training
+    publish_backbone: bool = False  # publish the trunk as the single backbone too
 
-def build_reconciled_model(
-    cfg: PipelineConfig, streams: list[Stream], sub_models: dict[str, MultiTaskModel], mode: str
-) -> MultiTaskModel:
-    """The expanded model: every task's trained sub-backbone and heads, joined by gammas."""
-    missing = sorted({s.task for s in streams} - set(sub_models))
-    if missing:
-        raise TrainingInputError(
-            f"no trained sub-backbone for tasks {missing}; pass --sub-model TASK=<uri>"
+    def run(self, checkpointer: Checkpointer | None, tracker: tracking.StageTracker) -> Trained:
+        tracker.log_params(self.params)
+        if self.start_metrics:
+            tracker.log_metrics(self.start_metrics)
+        metrics, start = fit_and_evaluate(
+            self.model,
+            self.streams,
+            self.train_cfg,
+            self.cfg,
+            name=self.name,
+            checkpointer=checkpointer,
+            on_metrics=tracker.log_metrics,
         )
-    architectures = {task: m.spec["trunk"]["architecture"] for task, m in sub_models.items()}
-    torch.manual_seed(cfg.seed)
-    spec = {
-        "trunk": reconciled_trunk_spec(
-            architectures, mode, cfg.reconcile.detach_other_tasks, cfg.reconcile.receive_stages
-        ),
-        "streams": stream_specs(streams, cfg.heads),
-        "image_size": cfg.model.image_size,
-    }
-    model = build_model(spec)
-    for task, sub in sub_models.items():
-        model.trunk.sub_backbones[task].load_state_dict(sub.trunk.state_dict())
-        for stream, head in sub.heads.items():
-            if stream in model.heads:
-                model.heads[stream].load_state_dict(head.state_dict())
-    return model
-
-
-def load_sub_models(paths: dict[str, str | Path]) -> dict[str, MultiTaskModel]:
-    models = {}
-    for task, path in paths.items():
-        model = load_model(path)
-        if model.spec["trunk"]["kind"] != "backbone":
-            raise TrainingInputError(f"--sub-model {task}={path}: not a single sub-backbone model")
-        models[task] = model
-    return models
+        tracker.log_metrics(tracking.flatten_metrics(metrics, "val"))
+        extra = {
+            **self.extra,
+            "train_images": count_images(self.streams),
+            "resumed_from_step": start,
+        }
+        backbone = self.model.trunk if self.publish_backbone else None
+        return Trained(metrics, extra, model=self.model, backbone=backbone)

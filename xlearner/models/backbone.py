@@ -1,22 +1,22 @@
-"""ResNet backbones by name, and their safetensors format.
+"""The backbone: a ResNet without its classifier, and its safetensors files.
 
 A :class:`Backbone` takes images in [0, 1] (the ImageNet mean/std normalisation is a
 buffer of its stem) and returns the four stage outputs [C2, C3, C4, C5] at strides 4,
 8, 16 and 32. The blocks are torchvision's ``BasicBlock`` / ``Bottleneck``; the stages
 are built here so that the per-stage widths are free (``half_resnet50`` halves every
-width of ResNet-50, which ``width_per_group`` alone cannot do). Weights never download:
+width of ResNet-50, which ``width_per_group`` alone cannot do). The named architectures
+are registered in :mod:`xlearner.models.resnets`. Weights never download:
 ``create_backbone(name, weights=path)`` reads a local file, either one written by
 :func:`save_backbone` or a torchvision ResNet state dict (``conv1``/``bn1``/``layerN``).
 
-On disk a backbone is ``backbone.safetensors`` + ``backbone.json``
-(``{"format": "xlearner-backbone/1", "architecture", "channels", "num_parameters"}``).
+On disk a backbone is ``backbone.safetensors`` + ``backbone.json`` (see
+:mod:`xlearner.models.spec`); :func:`xlearner.models.loading.load_backbone` reads both.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-BACKBONE_FORMAT = "xlearner-backbone/1"
-WEIGHTS_FILE = "backbone.safetensors"
-SPEC_FILE = "backbone.json"
-# Written by xlearner.squeeze (squeeze.method: prune); load_backbone dispatches to its loader.
-PRUNED_ARCHITECTURE = "pruned_reconciled"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from xlearner.models.spec import BACKBONE_FORMAT, SPEC_FILE, WEIGHTS_FILE, BackboneError
+from xlearner.store import atomic_write
+from xlearner.tasks import IMAGENET_MEAN, IMAGENET_STD
 
 Block = type[BasicBlock] | type[Bottleneck]
-
-
-class BackboneError(ValueError):
-    """A backbone file that cannot be used; the message names the file and the tensor."""
 
 
 class Stem(nn.Module):
@@ -118,56 +110,9 @@ class Backbone(nn.Module):
             features.append(x)
         return features
 
-
-_REGISTRY: dict[str, Callable[[], Backbone]] = {}
-
-
-def register_backbone(name: str) -> Callable[[Callable[[], Backbone]], Callable[[], Backbone]]:
-    """Decorator: register a zero-argument factory under ``name``."""
-
-    def decorator(factory: Callable[[], Backbone]) -> Callable[[], Backbone]:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_backbones() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_backbone(name: str, weights: str | Path | None = None) -> Backbone:
-    """A freshly initialised backbone, or one loaded from the local file ``weights``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
-    backbone = _REGISTRY[name]()
-    if weights is not None:
-        load_backbone_weights(backbone, weights)
-    return backbone
-
-
-@register_backbone("tiny_resnet")
-def tiny_resnet() -> Backbone:
-    """One BasicBlock per stage, widths 16/32/64/128 (~0.3M parameters): CPU runs at 64x64."""
-    return Backbone("tiny_resnet", BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), stem_width=16)
-
-
-@register_backbone("resnet18")
-def resnet18() -> Backbone:
-    return Backbone("resnet18", BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), stem_width=64)
-
-
-@register_backbone("resnet50")
-def resnet50() -> Backbone:
-    return Backbone("resnet50", Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), stem_width=64)
-
-
-@register_backbone("half_resnet50")
-def half_resnet50() -> Backbone:
-    """ResNet-50 with half the channels everywhere: C2..C5 = 128/256/512/1024 (the paper's _r)."""
-    return Backbone("half_resnet50", Bottleneck, (3, 4, 6, 3), (32, 64, 128, 256), stem_width=32)
+    def load_weights(self, file: str | Path) -> Backbone:
+        """Load a local weights file strictly (see :func:`load_backbone_weights`)."""
+        return load_backbone_weights(self, file)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -192,70 +137,9 @@ def save_backbone(
         "num_parameters": count_parameters(backbone),
         **(extra_spec or {}),
     }
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(out / SPEC_FILE, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(out / SPEC_FILE, lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
     return spec
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _backbone_files(path: str | Path) -> tuple[Path, Path]:
-    """(json, safetensors) for a backbone folder or either of its two files."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if not path.is_dir() and path.name not in (WEIGHTS_FILE, SPEC_FILE):
-        raise BackboneError(
-            f"{path}: not a backbone; pass a folder holding {SPEC_FILE} and {WEIGHTS_FILE} "
-            f"(written by save_backbone) or one of those two files"
-        )
-    return folder / SPEC_FILE, folder / WEIGHTS_FILE
-
-
-def read_backbone_spec(path: str | Path) -> dict[str, Any]:
-    """The ``backbone.json`` of a backbone folder (or of one of its files), format checked."""
-    spec_path, _ = _backbone_files(path)
-    if not spec_path.is_file():
-        raise BackboneError(f"{spec_path} is missing: not a backbone folder (see save_backbone)")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BackboneError(f"{spec_path}: not readable JSON ({err})") from None
-    if not isinstance(spec, dict) or spec.get("format") != BACKBONE_FORMAT:
-        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
-        raise BackboneError(
-            f"{spec_path}: not a backbone spec: field 'format' is {found!r}, "
-            f"expected {BACKBONE_FORMAT!r}"
-        )
-    return spec
-
-
-def load_backbone(path: str | Path) -> Backbone:
-    """Rebuild a backbone saved by :func:`save_backbone` (a folder or one of its files)."""
-    spec_path, weights_path = _backbone_files(path)
-    spec = read_backbone_spec(spec_path)
-    if spec.get("architecture") == PRUNED_ARCHITECTURE:  # squeeze.method: prune
-        from xlearner.squeeze.pruned_backbone import load_pruned_backbone
-
-        return load_pruned_backbone(spec_path)
-    if spec.get("architecture") not in _REGISTRY:
-        raise BackboneError(
-            f"{spec_path}: unknown architecture {spec.get('architecture')!r}; "
-            f"available: {available_backbones()}"
-        )
-    backbone = create_backbone(spec["architecture"])
-    if list(spec.get("channels", [])) != list(backbone.channels):
-        raise BackboneError(
-            f"{spec_path}: field 'channels' is {spec.get('channels')} but architecture "
-            f"{spec['architecture']!r} has {list(backbone.channels)}"
-        )
-    return load_backbone_weights(backbone, weights_path)
 
 
 def load_backbone_weights(backbone: Backbone, file: str | Path) -> Backbone:

@@ -1,20 +1,20 @@
-"""The ``xlearner`` command.
+"""The ``xlearner`` command: ``run``, ``config``, ``stage``, ``data``, ``stack``, ``sources``,
+``deploy``.
 
-It is the top of the stack: ``stage`` and ``run`` import ``stages`` and ``flows`` lazily,
-inside the commands, so the library itself never depends on them.
+``stages``, ``flows`` and ``devstack`` are imported inside the commands that need them.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from xlearner.config import ConfigError, load_config
+from xlearner_cli.deploy import deploy_app
+from xlearner_cli.options import ConfigOpt, SetOpt, load
 
 app = typer.Typer(
     help="X-Learner: one universal visual backbone from many labelled sources.",
@@ -31,26 +31,15 @@ sources_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(stack_app, name="stack")
 app.add_typer(sources_app, name="sources")
+app.add_typer(deploy_app, name="deploy")
 
 STAGES = ("ingest", "expand", "reconcile", "squeeze", "transfer")
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline config YAML")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
-]
-
-
-def _load(config: Path, overrides: list[str] | None):
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
 def run(config: ConfigOpt = Path("configs/quickstart.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline (ingest, expand, reconcile, squeeze, transfer)."""
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     # Prefect's ephemeral server (no PREFECT_API_URL) migrates its database on first start:
     # on a busy 2-core machine that takes longer than Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -65,7 +54,7 @@ def show_config(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Validate a config and print it with every default filled in."""
     import yaml
 
-    typer.echo(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+    typer.echo(yaml.safe_dump(load(config, set_).model_dump(mode="json"), sort_keys=False))
 
 
 @app.command(
@@ -110,7 +99,7 @@ def stack_up(
     ),
 ) -> None:
     """Start SeaweedFS, MLflow and Prefect on loopback ports; writes ``<workdir>/stack.env``."""
-    from flows.stack import stack_up as up
+    from devstack import stack_up as up
 
     env_file = up(workdir)
     typer.echo(f"stack is up; use it with:  set -a; source {env_file}; set +a")
@@ -119,7 +108,7 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(workdir: Annotated[Path, typer.Option()] = Path(".xlearner/stack")) -> None:
     """Stop the services started by ``xlearner stack up``."""
-    from flows.stack import stack_down as down
+    from devstack import stack_down as down
 
     down(workdir)
 
@@ -131,15 +120,7 @@ def sources_add(
     set_: SetOpt = None,
 ) -> None:
     """Ingest one source into the store and emit the new-source event (retraining trigger)."""
-    cfg = _load(config, set_)
+    cfg = load(config, set_)
     from flows.trigger import add_source
 
     typer.echo(add_source(cfg, name))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

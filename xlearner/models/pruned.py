@@ -2,7 +2,7 @@
 
 :class:`PrunedReconciledBackbone` wraps a (channel-pruned) :class:`ReconciledNetwork`
 and returns, per level, the concatenation over tasks of the reconciled features
-F_i^t: a drop-in for a :class:`~xlearner.models.backbones.Backbone` (``.channels``,
+F_i^t: a drop-in for a :class:`~xlearner.models.backbone.Backbone` (``.channels``,
 ``forward(x) -> [C2, C3, C4, C5]``, images in [0, 1]).
 
 On disk it is the backbone layout (``backbone.safetensors`` + ``backbone.json`` with
@@ -13,27 +13,26 @@ to the recorded shapes and loads the weights strictly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from xlearner.models.backbones import (
-    BACKBONE_FORMAT,
-    PRUNED_ARCHITECTURE,
-    SPEC_FILE,
-    WEIGHTS_FILE,
-    BackboneError,
-    count_parameters,
-    read_backbone_spec,
-)
+from xlearner.models.backbone import save_backbone
 from xlearner.models.multitask import build_trunk
 from xlearner.models.reconciliation import NUM_STAGES, ReconciledNetwork
+from xlearner.models.spec import (
+    PRUNED_ARCHITECTURE,
+    BackboneError,
+    PrunedBackboneSpec,
+    backbone_files,
+    read_backbone_spec,
+    validate_spec,
+)
 
 PROBE_SIZE = 64
 
@@ -75,40 +74,25 @@ class PrunedReconciledBackbone(nn.Module):
 
 def save_pruned_backbone(backbone: PrunedReconciledBackbone, out_dir: str | Path) -> dict[str, Any]:
     """Write ``backbone.safetensors`` then ``backbone.json``; returns the json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    spec = {
-        "format": BACKBONE_FORMAT,
-        "architecture": PRUNED_ARCHITECTURE,
-        "channels": list(backbone.channels),
-        "num_parameters": count_parameters(backbone),
-        "trunk": backbone.trunk_spec,
-        "shapes": {name: list(t.shape) for name, t in tensors.items()},
-    }
-    save_file(tensors, out / WEIGHTS_FILE)
-    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    return spec
+    shapes = {name: list(t.shape) for name, t in backbone.state_dict().items()}
+    return save_backbone(
+        backbone, out_dir, extra_spec={"trunk": backbone.trunk_spec, "shapes": shapes}
+    )
 
 
 def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
     """Rebuild a backbone written by :func:`save_pruned_backbone` (its folder or either file)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    spec_path, weights_path = folder / SPEC_FILE, folder / WEIGHTS_FILE
+    spec_path, weights_path = backbone_files(path)
     spec = _read_spec(spec_path)
+    trunk_spec = spec.trunk.model_dump()
     try:
-        trunk = build_trunk(spec["trunk"])
+        trunk = build_trunk(trunk_spec)
     except (KeyError, TypeError, ValueError) as err:
         raise BackboneError(
             f"{spec_path}: field 'trunk' is not a valid reconciled trunk spec ({err})"
         ) from None
-    if not isinstance(trunk, ReconciledNetwork):
-        raise BackboneError(
-            f"{spec_path}: field 'trunk' must describe a reconciled trunk, got {spec['trunk']}"
-        )
     shrink_to_shapes(
-        trunk, {k.removeprefix("trunk."): v for k, v in spec["shapes"].items()}, spec_path
+        trunk, {k.removeprefix("trunk."): v for k, v in spec.shapes.items()}, spec_path
     )
     try:
         state = load_file(weights_path)
@@ -127,7 +111,7 @@ def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
         )
     trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in state.items()}, strict=True)
     try:
-        backbone = PrunedReconciledBackbone(trunk, spec["trunk"])
+        backbone = PrunedReconciledBackbone(trunk, trunk_spec)
     except RuntimeError as err:  # layers whose recorded widths do not fit together
         raise BackboneError(
             f"{spec_path}: field 'shapes' does not describe a working network ({err})"
@@ -135,17 +119,14 @@ def load_pruned_backbone(path: str | Path) -> PrunedReconciledBackbone:
     return backbone.eval()
 
 
-def _read_spec(spec_path: Path) -> dict[str, Any]:
+def _read_spec(spec_path: Path) -> PrunedBackboneSpec:
     spec = read_backbone_spec(spec_path)
-    if spec.get("architecture") != PRUNED_ARCHITECTURE:
+    if spec.architecture != PRUNED_ARCHITECTURE:
         raise BackboneError(
-            f"{spec_path}: field 'architecture' is {spec.get('architecture')!r}, expected "
+            f"{spec_path}: field 'architecture' is {spec.architecture!r}, expected "
             f"{PRUNED_ARCHITECTURE!r}; load other backbones with load_backbone"
         )
-    for field, kind in (("trunk", dict), ("shapes", dict)):
-        if not isinstance(spec.get(field), kind):
-            raise BackboneError(f"{spec_path}: field {field!r} is missing or not a {kind.__name__}")
-    return spec
+    return validate_spec(PrunedBackboneSpec, spec.model_dump(), spec_path)
 
 
 def shrink_to_shapes(model: nn.Module, shapes: Mapping[str, list[int]], origin: Path | str) -> None:

@@ -1,0 +1,108 @@
+"""Every backbone on every downstream data set: the rows of the comparison report.
+
+Classification: a linear probe on frozen, pooled C5 features (L-BFGS, L2 chosen on a
+split of the train set). Detection and segmentation: fine-tune a fresh head. The same
+protocol and seed for every backbone; one report row per backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xlearner import tracking
+from xlearner.config import PipelineConfig
+from xlearner.contract import RANDOM_BACKBONE, StageResult
+from xlearner.engine import resolve_device
+from xlearner.models.backbone import count_parameters
+from xlearner.models.loading import load_backbone
+from xlearner.models.registry import create_backbone
+from xlearner.outputs import StageOutput, fetch_dir
+from xlearner.transfer.finetune import finetune_score
+from xlearner.transfer.probe import probe_top1
+from xlearner.transfer.report import build_report, write_report
+
+RUN_NAME = "transfer"
+REPORT_DIR = "report"
+
+
+def open_backbone(uri: str, seed: int) -> nn.Module:
+    """A published backbone folder, or ``random:<architecture>`` (the random-init baseline)."""
+    if uri.startswith(RANDOM_BACKBONE):
+        torch.manual_seed(seed)
+        return create_backbone(uri.removeprefix(RANDOM_BACKBONE))
+    return load_backbone(fetch_dir(uri))
+
+
+@dataclass
+class TransferEvaluation:
+    """Opened backbones and the downstream sets they are evaluated on."""
+
+    cfg: PipelineConfig
+    backbones: dict[str, nn.Module]  # name -> backbone, on ``device``
+    downstream: dict[str, str]  # name -> manifest URI
+    formats: dict[str, str]  # downstream name -> format (cls, det, seg)
+    train_images: dict[str, int]  # backbone name -> images it was trained on
+    device: torch.device
+    name: str = RUN_NAME
+
+    def row(self, name: str, backbone: nn.Module) -> dict:
+        row = {
+            "name": name,
+            "cls": {},
+            "det": {},
+            "seg": {},
+            "parameters": count_parameters(backbone),
+            "train_images": self.train_images.get(name),
+        }
+        for ds_name, manifest in self.downstream.items():
+            fmt = self.formats[ds_name]
+            if fmt == "cls":
+                row["cls"][ds_name] = probe_top1(backbone, manifest, ds_name, self.cfg, self.device)
+            else:
+                row[fmt][ds_name] = finetune_score(
+                    backbone, manifest, fmt, self.cfg, f"{name}-{ds_name}"
+                )
+        return row
+
+    def run(self, tracker: tracking.StageTracker) -> dict:
+        """The report (:func:`~xlearner.transfer.report.build_report`); logs its metrics."""
+        report = build_report([self.row(name, b) for name, b in self.backbones.items()])
+        for row in report["rows"]:
+            metrics = {
+                f"transfer/{row['name']}/{k}": v for k, v in row.items() if isinstance(v, float)
+            }
+            tracker.log_metrics(metrics)
+        return report
+
+
+def transfer_evaluation(
+    cfg: PipelineConfig,
+    backbones: dict[str, str],
+    downstream: dict[str, str],
+    train_images: dict[str, str | int] | None = None,
+) -> TransferEvaluation:
+    """Check the downstream sets against the config and open the backbones (NAME -> URI
+    or ``random:<architecture>``) on the engine's device."""
+    images = {k: int(v) for k, v in (train_images or {}).items()}
+    formats = {d.name: d.format.value for d in cfg.downstream}
+    unknown = sorted(set(downstream) - set(formats))
+    if unknown:
+        raise ValueError(
+            f"--downstream {unknown}: not in the config's downstream list {sorted(formats)}"
+        )
+    device = resolve_device(cfg.engine)
+    opened = {name: open_backbone(uri, cfg.seed).to(device) for name, uri in backbones.items()}
+    return TransferEvaluation(cfg, opened, downstream, formats, images, device)
+
+
+def publish_report(out: StageOutput, report: dict, tracker: tracking.StageTracker) -> StageResult:
+    """Publish ``report/report.{json,md,png}`` (also as tracking artifacts), then finish."""
+    paths = write_report(report, out.work / REPORT_DIR)
+    for path in paths.values():
+        out.publish_file(path)
+        tracker.log_artifact(path, REPORT_DIR)
+    report_md = out.store.uri(f"{REPORT_DIR}/report.md")
+    return out.finish(StageResult(report=report, report_md=report_md))
