@@ -39,9 +39,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from xlearner.config import EngineConfig, IngestConfig, SourceConfig, TrainConfig
+from xlearner.data.decode import decode_batch, decode_jpegs
 from xlearner.data.ingest import ingest_source
-from xlearner.data.shards import ShardDataset, collate_fn, decode_batch, decode_jpegs
-from xlearner.engine import Stream, Trainer, make_loader, resolve_num_workers, stage_cores
+from xlearner.data.shards import ShardDataset, collate_fn
+from xlearner.engine import Trainer
+from xlearner.loaders import Stream, make_loader, resolve_num_workers, stage_cores
 from xlearner.store import open_store
 from xlearner.store_keys import manifest_key
 

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from xlearner.config import EngineConfig, TrainConfig
-from xlearner.engine import Precision, Stream, Trainer
+from xlearner.engine import Precision, Trainer
+from xlearner.loaders import Stream
 from xlearner.models.multitask import backbone_trunk_spec, build_model
 
 
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--workers", default="0", help="engine.num_workers (an int or auto)")
+    parser.add_argument("--compile", action="store_true", help="engine.compile (torch.compile)")
     args = parser.parse_args()
     device = torch.device(args.device)
     engine = EngineConfig(
@@ -124,6 +126,7 @@ def main() -> None:
         precision=args.precision,
         channels_last=args.channels_last,
         num_workers=args.workers if args.workers == "auto" else int(args.workers),
+        compile=args.compile,
         log_every_steps=10**6,
         checkpoint_every_steps=10**6,
     )

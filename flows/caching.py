@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xlearner.config import hash_json
-from xlearner.store import ArtifactStore, open_store
+from xlearner.config import ConfigError, hash_json
+from xlearner.store import ArtifactStore, open_store, sha256_file
 from xlearner.store_keys import stage_prefix
 
 CODE_ROOTS = ("xlearner", "stages")
@@ -65,3 +65,13 @@ def source_fingerprint(uri: str, endpoint_url: str | None = None) -> str:
             st = path.stat()
             entries.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
     return hash_json(entries)[:KEY_LENGTH]
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a local input file named by the config (pretrained weights), so that a
+    file changed in place re-runs what started from it; None when no file is named."""
+    if path is None:
+        return None
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"pretrained weights {path} (from the config) is not a file")
+    return sha256_file(Path(path).expanduser())

@@ -29,7 +29,7 @@ from flows.plan import Plan, Result, absolute_store_uri, publish_config
 from flows.runners import warm_start
 from xlearner import tracking
 from xlearner.config import PipelineConfig, Variant
-from xlearner.contract import RANDOM_BACKBONE
+from xlearner.contract import PARALLEL_STAGES_ENV, RANDOM_BACKBONE
 
 Rows = dict[str, Result]  # report row name -> the stage result with its backbone
 
@@ -155,9 +155,10 @@ def synthesize_sources(cfg: PipelineConfig) -> list[str]:
 
 
 def stage_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Threads per stage process so parallel expansions share the cores instead of fighting."""
+    """Threads (and data-loading workers) per stage so parallel expansions share the cores
+    instead of fighting over them."""
     parallel = min(4, len(cfg.task_types))
-    env = {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1", PARALLEL_STAGES_ENV: str(parallel)}  # engine.num_workers
     if cfg.runner.kind == "process" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(parallel, 1)))
     if cfg.tracking.uri is None:  # stages log where the pipeline logs

@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
-from flows.caching import source_fingerprint, stage_key, stage_out
+from flows.caching import file_digest, source_fingerprint, stage_key, stage_out
 from flows.runners import StageFailed, make_runner
-from xlearner.config import PipelineConfig, TaskType, hash_json
+from xlearner.config import PipelineConfig, hash_json
 from xlearner.contract import (
     HARD_SHARING_TASK,
     RESULT_FILE,
@@ -41,6 +41,7 @@ from xlearner.contract import (
 )
 from xlearner.store import open_store
 from xlearner.store_keys import config_key
+from xlearner.tasks import TaskType
 
 Result = dict[str, Any]  # what a stage answered (its result.json)
 
@@ -271,7 +272,10 @@ class Plan:
             label,
             ExpandCall,
             self.config_section(ExpandCall, sources=sources, tasks=[task]),
-            {s: self.versions[s] for s in sources},
+            {
+                "versions": {s: self.versions[s] for s in sources},
+                "pretrained": file_digest(self.cfg.pretrained_path_for(task)),
+            },
             task=task.value,
             manifests=self.manifests_of(sources),
             source=only_source,
@@ -301,7 +305,11 @@ class Plan:
             label,
             ExpandCall,
             section,
-            {"versions": self.source_versions(), "init": init_backbone},
+            {
+                "versions": self.source_versions(),
+                "init": init_backbone,
+                "pretrained": file_digest(self.cfg.model.pretrained_path),
+            },
             task=HARD_SHARING_TASK,
             manifests=self.manifests_of(self.training_sources()),
             init_backbone=init_backbone,
@@ -354,11 +362,12 @@ class Plan:
         )
 
     def _squeeze(self, label: str, method: str, inputs: Any, **fields: Any) -> Result:
+        student = file_digest(self.cfg.squeeze.student_pretrained_path)
         return self.submit(
             label,
             SqueezeCall,
             self.config_section(SqueezeCall, method=method),
-            inputs,
+            {**inputs, "student_pretrained": student},
             manifests=self.manifests_of(self.training_sources()),
             overrides=[f"squeeze.method={method}"],
             **fields,

@@ -252,7 +252,9 @@ def add_source(cfg: PipelineConfig, name: str) -> str:
             f"add it under `sources:` with its name, format and uri first"
         )
     store = open_store(cfg.store.uri, cfg.store.endpoint_url)
-    manifest = ingest_source(every[name], store, image_size=cfg.model.image_size, log=logger.info)
+    manifest = ingest_source(
+        every[name], store, image_size=cfg.model.image_size, options=cfg.ingest, log=logger.info
+    )
     version = manifest["version"]
     published = (
         f"{name}: version {version} is published at {store.uri(source_prefix(name, version))}"

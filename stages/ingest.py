@@ -25,7 +25,9 @@ def body(call: IngestCall, cfg: PipelineConfig, out: StageOutput | None) -> Stag
     store = open_store(call.store or cfg.store.uri, cfg.store.endpoint_url)
     manifests, versions = {}, {}
     for name in call.sources or list(every):
-        manifest = ingest_source(every[name], store, image_size=cfg.model.image_size)
+        manifest = ingest_source(
+            every[name], store, image_size=cfg.model.image_size, options=cfg.ingest
+        )
         manifests[name] = store.uri(manifest_key(name, manifest["version"]))
         versions[name] = manifest["version"]
     result = StageResult(manifests=manifests, versions=versions)

@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 RESULT_PREFIX = "XLEARNER_RESULT "
+# set by the flow in every stage's environment: how many stages run at once, so that a
+# stage's data-loading workers take their share of the cores (engine.num_workers: auto)
+PARALLEL_STAGES_ENV = "XLEARNER_PARALLEL_STAGES"
 HARD_SHARING_TASK = "all"  # ExpandCall.task for the hard-sharing baseline
 RANDOM_BACKBONE = "random:"  # TransferCall.backbones value prefix: a randomly initialised one
 
@@ -276,6 +279,8 @@ class StageResult(BaseModel):
     parameters: int | None = None
     train_images: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    peak_rss_mb: float | None = None  # the stage process's peak resident memory
+    peak_cuda_mb: float | None = None  # peak CUDA memory allocated by PyTorch, on a GPU
 
     def dump(self) -> dict[str, Any]:
         """The JSON object of ``result.json`` and of the result line: the fields that were

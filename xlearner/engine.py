@@ -13,7 +13,8 @@ loaded as ``(epoch, index)``, and a dataset with ``set_epoch(epoch, seed=...)`` 
 before the sample is read, in whichever worker reads it. On CUDA it uses bf16 autocast
 and channels_last, worker processes with pinned memory and, with ``engine.decode: gpu``,
 decodes the JPEGs of each batch on the GPU; under ``torchrun`` it wraps the model in
-DistributedDataParallel and shards every batch across the ranks.
+DistributedDataParallel and shards every batch across the ranks. Streams and their
+batches are :mod:`xlearner.loaders`', checkpoints :mod:`xlearner.checkpoint`'.
 
 The loop does not wait for the GPU: losses are summed on the device and read at log
 steps, and the non-finite check is a device-side flag read then (and before every
@@ -23,249 +24,41 @@ reads it after every step instead.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import io
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from xlearner import distributed
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import EngineConfig, TrainConfig
-from xlearner.data.shards import EncodedBatch, decode_batch
+from xlearner.data.decode import EncodedBatch, decode_batch
+from xlearner.loaders import (
+    EpochFeed,
+    Stream,
+    make_loader,
+    resolve_decode,
+    resolve_num_workers,
+)
 from xlearner.progress import Progress
-from xlearner.store import ArtifactStore, join
 
 log = logging.getLogger("xlearner.engine")
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 
 
-@dataclass
-class Stream:
-    """One (source, task) pair: the unit of sampling and of evaluation."""
-
-    name: str
-    task: str
-    train: Dataset
-    val: Dataset | None
-    collate: Callable
-    weight: float = 1.0
-
-    @property
-    def size(self) -> int:
-        return len(self.train)  # type: ignore[arg-type]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def stream_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(name))) % 2**31
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Index batches as a pure function of (seed, step): epoch e is permutation(seed, e).
-
-    Yields the batches of steps ``start_step, start_step + 1, ...`` forever. Under DDP
-    each rank takes its slice of every global batch. ``with_epochs=True`` yields
-    ``(epoch, index)`` pairs (what :class:`EpochFeed` reads) instead of indices.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        batch_size: int,
-        seed: int,
-        start_step: int = 0,
-        with_epochs: bool = False,
-    ):
-        if size == 0:
-            raise ValueError("cannot sample from an empty data set")
-        self.size, self.batch_size, self.seed, self.start_step = size, batch_size, seed, start_step
-        self.with_epochs = with_epochs
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:  # a list: indexing it per sample costs nanoseconds
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms = {epoch: torch.randperm(self.size, generator=gen).tolist()}
-        return self._perms[epoch]
-
-    def keyed_batch(self, step: int) -> list[tuple[int, int]]:
-        """``(epoch, index)`` of every sample of ``step``'s batch (this rank's slice)."""
-        start = step * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            epoch, offset = divmod(pos, self.size)
-            out.append((epoch, self._perm(epoch)[offset]))
-        return out[self.rank :: self.world]
-
-    def batch(self, step: int) -> list[int]:
-        return [index for _, index in self.keyed_batch(step)]
-
-    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        while True:
-            yield self.keyed_batch(step) if self.with_epochs else self.batch(step)
-            step += 1
-
-
-class EpochFeed(Dataset):
-    """What a stream's DataLoader reads: ``(epoch, index)`` keys (or plain indices).
-
-    Before reading a keyed sample it calls the dataset's ``set_epoch(epoch, seed=seed)``
-    (``set_epoch(epoch)`` if it takes no seed), so per-epoch augmentation works the same
-    in the main process and in every worker (each holds its own copy of the dataset), and
-    a batch that straddles two epochs augments each sample as its own epoch. With
-    ``encoded=True`` a dataset that has ``encoded_item`` (:class:`ShardDataset`) leaves
-    its JPEGs encoded for :func:`decode_batch`.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int | None = None, encoded: bool = False):
-        self.dataset, self.seed = dataset, seed
-        self.encoded = encoded and hasattr(dataset, "encoded_item")
-        set_epoch = getattr(dataset, "set_epoch", None)
-        self._set_epoch = set_epoch is not None
-        self._seeded = self._set_epoch and "seed" in inspect.signature(set_epoch).parameters
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        if isinstance(key, tuple):
-            epoch, index = key
-            if self._seeded:
-                self.dataset.set_epoch(epoch, seed=self.seed)
-            elif self._set_epoch:
-                self.dataset.set_epoch(epoch)
-        else:
-            index = key
-        return self.dataset.encoded_item(index) if self.encoded else self.dataset[index]
-
-
-MAX_AUTO_WORKERS = 16
-
-
-def stage_cores() -> int:
-    """CPU cores this process may use for itself.
-
-    ``os.sched_getaffinity`` (what a container or ``taskset`` allows), divided among the
-    stages that run at once: ``XLEARNER_PARALLEL_STAGES`` when set (the flow sets it),
-    else capped by ``OMP_NUM_THREADS`` when set outside ``torchrun`` (which sets it to 1
-    for its own reasons); under ``torchrun`` also divided among the node's ranks.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    parallel = os.environ.get("XLEARNER_PARALLEL_STAGES")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if parallel:
-        cores //= max(int(parallel), 1)
-    elif os.environ.get("OMP_NUM_THREADS") and "LOCAL_WORLD_SIZE" not in os.environ:
-        cores = min(cores, max(int(os.environ["OMP_NUM_THREADS"]), 1))
-    return max(cores // max(local_world, 1), 1)
-
-
-def resolve_num_workers(engine: EngineConfig, device: torch.device, streams: int = 1) -> int:
-    """DataLoader workers per stream: ``engine.num_workers``, or for ``auto``:
-
-    0 on CPU (the workers would take cores from the training threads: measured slower,
-    docs/benchmarks.md) and when this stage has fewer than 2 cores; else one core for the
-    main process and the rest (at most ``MAX_AUTO_WORKERS``) split among the streams.
-    """
-    if engine.num_workers != "auto":
-        return int(engine.num_workers)
-    cores = stage_cores()
-    if device.type != "cuda" or cores < 2:
-        return 0
-    return max(1, min(cores - 1, MAX_AUTO_WORKERS) // max(streams, 1))
-
-
-@functools.cache
-def gpu_jpeg_decode_available(device: str = "cuda") -> bool:
-    """Whether torchvision decodes JPEGs on ``device`` (its nvjpeg build): one tiny try."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from PIL import Image
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format="JPEG")
-        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
-        return True
-    except Exception as err:  # no nvjpeg in this build, a driver problem: decode on the CPU
-        log.info(f"GPU JPEG decoding is not available ({err}); decoding on the CPU")
-        return False
-
-
-def resolve_decode(engine: EngineConfig, device: torch.device) -> bool:
-    """True when batches are decoded on the GPU (``engine.decode``: gpu, or auto + nvjpeg)."""
-    if engine.decode == "cpu":
-        return False
-    if device.type != "cuda":
-        if engine.decode == "gpu":
-            raise RuntimeError(
-                f"engine.decode is 'gpu' but training runs on {device}; use 'auto' or 'cpu'"
-            )
-        return False
-    available = gpu_jpeg_decode_available(str(device))
-    if engine.decode == "gpu" and not available:
-        raise RuntimeError(
-            "engine.decode is 'gpu' but torchvision cannot decode JPEGs on the GPU here "
-            "(no nvjpeg); use 'auto' or 'cpu'"
-        )
-    return available
-
-
-def make_loader(
-    stream: Stream,
-    batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    *,
-    workers: int = 0,
-    device: torch.device | None = None,
-    encoded: bool = False,
-    prefetch_factor: int = 4,
-) -> Iterator:
-    """The endless batch iterator of a stream from ``start_step`` on.
-
-    Samples are read as ``(epoch, index)`` through :class:`EpochFeed`, augmented with
-    ``stream_seed(seed, stream.name)``. On CUDA batches come in pinned memory (copied
-    without a host sync); with workers, each prefetches ``prefetch_factor`` batches.
-    """
-    sseed = stream_seed(seed, stream.name)
-    sampler = StepBatchSampler(stream.size, batch_size, sseed, start_step, with_epochs=True)
-    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers else {}
-    return iter(
-        DataLoader(
-            EpochFeed(stream.train, sseed, encoded),
-            batch_sampler=sampler,
-            collate_fn=stream.collate,
-            num_workers=workers,
-            pin_memory=device is not None and device.type == "cuda",
-            **extra,
-        )
-    )
 
 
 def resolve_device(engine: EngineConfig) -> torch.device:
@@ -328,73 +121,6 @@ def warmup_cosine(cfg: TrainConfig) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-class Checkpointer:
-    """Checkpoints in the store: weights as safetensors, optimiser state alongside.
-
-    ``latest.json`` is published last and names the newest complete checkpoint, so a
-    kill at any moment leaves either the previous or the new checkpoint usable.
-    """
-
-    def __init__(self, store: ArtifactStore, prefix: str, keep: int = 2):
-        self.store, self.prefix, self.keep = store, prefix, keep
-
-    def save(self, step: int, model: nn.Module, optimizer, scheduler, extra: dict) -> None:
-        folder = join(self.prefix, f"step-{step:08d}")
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        self.store.write_bytes(join(folder, "model.safetensors"), save_safetensors(weights))
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            },
-            buf,
-        )
-        self.store.write_bytes(join(folder, "trainer_state.pt"), buf.getvalue())
-        self.store.write_json(
-            join(self.prefix, "latest.json"), {"step": step, "folder": folder, **extra}
-        )
-        self._prune(step)
-
-    def _prune(self, step: int) -> None:
-        steps = sorted(
-            {
-                int(k.split("step-")[1].split("/")[0])
-                for k in self.store.list(self.prefix)
-                if "step-" in k
-            }
-        )
-        for old in steps[: -self.keep]:
-            self.store.delete_prefix(join(self.prefix, f"step-{old:08d}"))
-
-    def latest(self) -> dict | None:
-        key = join(self.prefix, "latest.json")
-        return self.store.read_json(key) if self.store.exists(key) else None
-
-    def load(self, model: nn.Module, optimizer, scheduler) -> int:
-        """Restore the newest checkpoint; returns its step (0 when there is none)."""
-        info = self.latest()
-        if info is None:
-            return 0
-        folder = info["folder"]
-        state = load_safetensors(self.store.read_bytes(join(folder, "model.safetensors")))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint {self.store.uri(folder)} does not match the model: "
-                f"missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}; delete it or rerun with the config that wrote it"
-            )
-        trainer = torch.load(
-            io.BytesIO(self.store.read_bytes(join(folder, "trainer_state.pt"))), weights_only=True
-        )
-        optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["rng"])
-        return int(info["step"])
 
 
 class LossWindow:

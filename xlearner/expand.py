@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
-from xlearner.config import PipelineConfig, TaskType, TrainConfig
+from xlearner.config import PipelineConfig, TrainConfig
 from xlearner.contract import HARD_SHARING_TASK
-from xlearner.engine import Stream
+from xlearner.loaders import Stream
 from xlearner.models.loading import load_backbone
 from xlearner.models.multitask import MultiTaskModel, backbone_trunk_spec, build_model
+from xlearner.models.pretrained import init_from_pretrained
 from xlearner.outputs import fetch_dir
 from xlearner.streams import TrainingJob, load_streams, stream_specs
+from xlearner.tasks import TaskType
 
 HARD_SHARING_NAME = "hard_sharing"
 
@@ -97,15 +99,25 @@ def expand_job(
         train_cfg = train_cfg.model_copy(update={"steps": steps})
     streams = load_streams(cfg, manifests, tasks, only_source=source)
     model = build_single_trunk_model(cfg, streams)
+    # hard sharing starts from the model's file, as the sub-backbones do without an override
+    path = cfg.pretrained_path_for(tasks[0]) if len(tasks) == 1 else cfg.model.pretrained_path
+    pretrained = {}
     if init_backbone:
         init_trunk_from_backbone(model, fetch_dir(init_backbone))
+    elif path:
+        pretrained = init_from_pretrained(model.trunk, path).params()
     return TrainingJob(
         cfg=cfg,
         name=name,
         model=model,
         streams=streams,
         train_cfg=train_cfg,
-        params={"stage": name, "train": train_cfg.model_dump(), "backbone": cfg.model.backbone},
-        extra={"task": task},
+        params={
+            "stage": name,
+            "train": train_cfg.model_dump(),
+            "backbone": cfg.model.backbone,
+            **pretrained,
+        },
+        extra={"task": task, **pretrained},
         publish_backbone=True,
     )

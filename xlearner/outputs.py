@@ -8,14 +8,17 @@ every rank trains and rank 0 publishes.
 
 from __future__ import annotations
 
+import resource
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xlearner import distributed
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import PipelineConfig
 from xlearner.contract import StageResult
-from xlearner.engine import Checkpointer
 from xlearner.models.backbone import count_parameters, save_backbone
 from xlearner.models.multitask import save_model
 from xlearner.store import ArtifactStore, open_store
@@ -62,6 +65,7 @@ class StageOutput:
         """Publish ``result.json`` (the result, its ``out`` and ``files``) last."""
         result.out = self.uri
         result.files = dict(sorted(self.files.items()))
+        result.peak_rss_mb, result.peak_cuda_mb = peak_memory_mb()
         if distributed.is_main_process():
             self.store.write_json(RESULT, result.dump())
         self.close()
@@ -110,3 +114,10 @@ def publish_trained(out: StageOutput, cfg: PipelineConfig, trained: Trained) -> 
     out.publish_json("config.json", cfg.model_dump(mode="json"))
     out.drop_checkpoints()
     return out.finish(result)
+
+
+def peak_memory_mb() -> tuple[float, float | None]:
+    """This process's peak resident memory and, on a GPU, PyTorch's peak CUDA memory."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+    return round(rss, 1), None if cuda is None else round(cuda, 1)

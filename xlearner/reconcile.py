@@ -7,12 +7,14 @@ stage builds the same model with mode ``none`` to distil straight from the sub-b
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from xlearner.config import PipelineConfig
-from xlearner.engine import Stream
+from xlearner.loaders import Stream
+from xlearner.models.gamma_cost import GammaCost, check_gamma_budget, estimate_gamma_cost
 from xlearner.models.multitask import (
     MultiTaskModel,
     build_model,
@@ -23,6 +25,8 @@ from xlearner.outputs import fetch_dir
 from xlearner.streams import TrainingInputError, TrainingJob, load_streams, stream_specs
 
 RUN_NAME = "reconcile"
+
+log = logging.getLogger("xlearner.reconcile")
 
 
 def build_reconciled_model(
@@ -38,7 +42,11 @@ def build_reconciled_model(
     torch.manual_seed(cfg.seed)
     spec = {
         "trunk": reconciled_trunk_spec(
-            architectures, mode, cfg.reconcile.detach_other_tasks, cfg.reconcile.receive_stages
+            architectures,
+            mode,
+            cfg.reconcile.detach_other_tasks,
+            cfg.reconcile.receive_stages,
+            gamma=cfg.reconcile.gamma,
         ),
         "streams": stream_specs(streams, cfg.heads),
         "image_size": cfg.model.image_size,
@@ -68,12 +76,29 @@ def fetch_sub_models(uris: dict[str, str]) -> dict[str, MultiTaskModel]:
     return load_sub_models({task: fetch_dir(uri) for task, uri in uris.items()})
 
 
+def priced_gammas(cfg: PipelineConfig, sub_models: dict[str, MultiTaskModel]) -> GammaCost:
+    """The gammas' parameters and FLOPs against the sub-backbones', logged, and checked
+    against ``reconcile.max_gamma_ratio`` before anything is built or trained."""
+    cost = estimate_gamma_cost(
+        {task: model.trunk for task, model in sub_models.items()},
+        cfg.model.image_size,
+        gamma=cfg.reconcile.gamma,
+        mode=cfg.reconcile.mode,
+        receive_stages=cfg.reconcile.receive_stages,
+    )
+    log.info(cost.summary())
+    check_gamma_budget(cost, cfg.reconcile)
+    return cost
+
+
 def reconcile_job(
     cfg: PipelineConfig, sub_models: dict[str, str], manifests: dict[str, str]
 ) -> TrainingJob:
     """The reconcile stage's training: the sub-models (TASK -> URI) joined, on every source."""
     streams = load_streams(cfg, manifests)
-    model = build_reconciled_model(cfg, streams, fetch_sub_models(sub_models), cfg.reconcile.mode)
+    subs = fetch_sub_models(sub_models)
+    cost = priced_gammas(cfg, subs)
+    model = build_reconciled_model(cfg, streams, subs, cfg.reconcile.mode)
     return TrainingJob(
         cfg=cfg,
         name=RUN_NAME,
@@ -81,6 +106,6 @@ def reconcile_job(
         streams=streams,
         train_cfg=cfg.reconcile.train,
         params={"stage": RUN_NAME, "reconcile": cfg.reconcile.model_dump()},
-        extra={"mode": cfg.reconcile.mode},
-        start_metrics={"gamma_parameters": float(model.trunk.num_gamma_parameters())},
+        extra={"mode": cfg.reconcile.mode, "gammas": cost.metrics()},
+        start_metrics={f"reconcile/{k}": v for k, v in cost.metrics().items()},
     )

@@ -17,10 +17,13 @@ from typing import Any
 from torch import nn
 
 from xlearner import tracking
-from xlearner.config import HeadsConfig, PipelineConfig, TaskType, TrainConfig
+from xlearner.checkpoint import Checkpointer
+from xlearner.config import HeadsConfig, PipelineConfig, TrainConfig
 from xlearner.data.shards import ShardDataset, collate_fn
-from xlearner.engine import Checkpointer, MetricsCallback, Stream, Trainer, evaluate
+from xlearner.engine import MetricsCallback, Trainer, evaluate
+from xlearner.loaders import Stream
 from xlearner.models.multitask import MultiTaskModel, stream_name
+from xlearner.tasks import TaskType
 
 log = logging.getLogger("xlearner.train")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xlearner.config import ConfigError, TaskType, load_config
+from xlearner.config import ConfigError, load_config
+from xlearner.tasks import TaskType
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 

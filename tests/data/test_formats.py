@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from data_helpers import write_coco, write_image, write_mask
 
-from xlearner.data.formats import Problem, SourceError, SourceReader, read_source, safe_relpath
+from xlearner.data.formats import SourceReader, read_source
+from xlearner.data.source_files import Problem, SourceError, safe_relpath
 
 
 def problem_files(err: SourceError) -> list[str]:

@@ -13,18 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from xlearner.config import SourceConfig
+from xlearner.data.augment import hflip, view_boxes
+from xlearner.data.decode import EncodedBatch, decode_batch
 from xlearner.data.ingest import ingest_source, manifest_key
-from xlearner.data.shards import (
-    EncodedBatch,
-    ManifestError,
-    ShardDataset,
-    collate_fn,
-    decode_batch,
-    hflip,
-    load_manifest,
-    view_boxes,
-)
-from xlearner.engine import StepBatchSampler, Stream, make_loader, stream_seed
+from xlearner.data.shards import ManifestError, ShardDataset, collate_fn, load_manifest
+from xlearner.loaders import StepBatchSampler, Stream, make_loader, stream_seed
 from xlearner.store import StoreError, open_store
 
 SIZE = 48

@@ -8,13 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import EngineConfig, TrainConfig
-from xlearner.engine import (
-    Checkpointer,
-    LossWindow,
+from xlearner.engine import LossWindow, Trainer
+from xlearner.loaders import (
     StepBatchSampler,
     Stream,
-    Trainer,
     resolve_decode,
     resolve_num_workers,
     stage_cores,

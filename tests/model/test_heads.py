@@ -7,13 +7,13 @@ import functools
 import pytest
 import torch
 
-from xlearner.config import TaskType
 from xlearner.metrics import DetectionMAP, MeanIoU, MultilabelMAP, Top1Accuracy
 from xlearner.models import heads
 from xlearner.models.head import TaskHead, available_heads, head_class, register_head
 from xlearner.models.heads import create_head
 from xlearner.models.registry import create_backbone
 from xlearner.models.ssl import ContrastiveHead, MIMHead
+from xlearner.tasks import TaskType
 
 SIZE, BATCH, CLASSES = 64, 4, 3
 OVERFIT_STEPS = 30

@@ -14,6 +14,12 @@ from torch import nn
 
 from xlearner.config import ConfigError, ReconcileConfig
 from xlearner.models import Backbone, create_backbone
+from xlearner.models.gamma_cost import (
+    GammaBudgetError,
+    check_gamma_budget,
+    estimate_gamma_cost,
+    gamma_cost,
+)
 from xlearner.models.multitask import (
     build_model,
     build_trunk,
@@ -21,13 +27,7 @@ from xlearner.models.multitask import (
     reconciled_trunk_spec,
     save_model,
 )
-from xlearner.models.reconciliation import (
-    GammaBudgetError,
-    ReconciledNetwork,
-    check_gamma_budget,
-    estimate_gamma_cost,
-    gamma_cost,
-)
+from xlearner.models.reconciliation import ReconciledNetwork
 
 SIZE = 64
 TASKS4 = ("cls", "det", "seg", "mim")

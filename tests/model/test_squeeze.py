@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from xlearner.config import EngineConfig, SqueezeConfig, TrainConfig
-from xlearner.engine import Stream
+from xlearner.loaders import Stream
 from xlearner.models.backbone import count_parameters
 from xlearner.models.loading import load_backbone
 from xlearner.models.multitask import (

@@ -29,12 +29,13 @@ from typing import Any
 
 from PIL import Image
 
-from xlearner.config import DownstreamConfig, IngestConfig, SourceConfig, SourceFormat
+from xlearner.config import DownstreamConfig, IngestConfig, SourceConfig
 from xlearner.data.formats import Record, SourceReader
 from xlearner.data.manifest import MANIFEST_FORMAT
 from xlearner.progress import Progress
 from xlearner.store import ArtifactStore, S3Store, join
 from xlearner.store_keys import manifest_key, source_latest, source_prefix
+from xlearner.tasks import SourceFormat
 
 logger = logging.getLogger(__name__)
 

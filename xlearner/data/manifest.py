@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from xlearner.config import SourceFormat
+from xlearner.tasks import SourceFormat
 
 MANIFEST_FORMAT = "xlearner-manifest/1"
 

@@ -5,21 +5,18 @@ Shards are downloaded once into the content-addressed cache
 offsets, so any sample is read with one positional read, without extracting the tar.
 
 Images are decoded where the sample is loaded (PIL, ``__getitem__``), or left encoded
-(:meth:`ShardDataset.encoded_item`) for :func:`decode_batch` to decode, crop, flip and
-resize a whole batch on the GPU (nvjpeg) with the same augmentation.
+(:meth:`ShardDataset.encoded_item`) for :func:`xlearner.data.decode.decode_batch` to
+decode, crop, flip and resize a whole batch on the GPU (nvjpeg) with the same
+augmentation (:mod:`xlearner.data.augment`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import random
 import tarfile
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +26,21 @@ from PIL import Image
 from pydantic import ValidationError
 from torch.utils.data import Dataset
 
-from xlearner.config import SourceFormat
+from xlearner.data.augment import (
+    FULL_VIEW,
+    View,
+    hflip,
+    hflip_target,
+    random_view,
+    sample_seed,
+    view_boxes,
+    view_pixels,
+)
+from xlearner.data.decode import EncodedBatch, EncodedImage
 from xlearner.data.ingest import MANIFEST_FORMAT, SPLITS
 from xlearner.data.manifest import Manifest
 from xlearner.store import ArtifactNotFound, StoreError, join, resolve
+from xlearner.tasks import SourceFormat
 
 IMAGE_MEMBERS = ("jpg", "png")
 
@@ -92,98 +100,6 @@ def index_tar(path: str | Path) -> list[dict[str, tuple[int, int]]]:
             key, _, suffix = Path(member.name).name.partition(".")
             samples.setdefault(key, {})[suffix] = (member.offset_data, member.size)
     return list(samples.values())
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-# Train-time augmentation, label-safe for every task: a random crop window of 80-100% of
-# the side (a zoom of at most 1.25: the multilabel "big"/"small" attributes stay apart)
-# at a random place, then a horizontal flip half of the time. The window is folded into
-# the decode resize (PIL's ``resize(box=...)``), so it costs nothing; boxes and masks go
-# through the same window.
-View = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image
-FULL_VIEW: View = (0.0, 0.0, 1.0, 1.0)
-MIN_VIEW = 0.8
-MIN_BOX_SIDE = 1.0  # pixels; boxes cut smaller than this by the window are dropped
-
-
-def random_view(seed: int) -> tuple[View, bool]:
-    """The crop window and flip of one sample: a pure function of ``seed``."""
-    rng = random.Random(seed)
-    side = rng.uniform(MIN_VIEW, 1.0)
-    x0, y0 = rng.uniform(0.0, 1.0 - side), rng.uniform(0.0, 1.0 - side)
-    return (x0, y0, x0 + side, y0 + side), rng.random() < 0.5
-
-
-def _pixels(view: View, width: int, height: int) -> tuple[float, float, float, float]:
-    return (view[0] * width, view[1] * height, view[2] * width, view[3] * height)
-
-
-def view_boxes(
-    boxes: torch.Tensor, labels: torch.Tensor, view: View, size: int
-) -> dict[str, torch.Tensor]:
-    """Boxes given as fractions of the image, in pixels of the ``size`` crop of ``view``;
-    clipped to it, and dropped (with their labels) when left thinner than a pixel."""
-    x0, y0, x1, y1 = view
-    origin = torch.tensor([x0, y0, x0, y0])
-    scale = torch.tensor([size / (x1 - x0), size / (y1 - y0)] * 2)
-    out = ((boxes - origin) * scale).clamp(0, size)
-    keep = (out[:, 2] - out[:, 0] >= MIN_BOX_SIDE) & (out[:, 3] - out[:, 1] >= MIN_BOX_SIDE)
-    return {"boxes": out[keep], "labels": labels[keep]}
-
-
-def hflip_target(target: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Mirror a target left-right in an image ``width`` pixels wide (boxes and masks)."""
-    target = dict(target)
-    if "boxes" in target:
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-        target["boxes"] = boxes
-    if "mask" in target:
-        target["mask"] = target["mask"].flip(-1)
-    return target
-
-
-def hflip(
-    image: torch.Tensor, target: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mirror an image and its target left-right (boxes and masks included)."""
-    return image.flip(-1), hflip_target(target, image.shape[-1])
-
-
-@dataclass
-class EncodedImage:
-    """A sample's image left for :func:`decode_batch`: the view to take and the flip.
-
-    ``jpeg``: the stored JPEG bytes (1-D uint8), decoded with the batch; ``pixels``: an
-    image that is not a JPEG, decoded, cropped and resized where it was loaded
-    (``[3, size, size]`` uint8, not flipped yet).
-    """
-
-    size: int
-    view: View
-    flip: bool
-    jpeg: torch.Tensor | None = None
-    pixels: torch.Tensor | None = None
-
-
-@dataclass
-class EncodedBatch:
-    """The images of a batch of :class:`EncodedImage` (what the collate functions give)."""
-
-    items: list[EncodedImage]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def pin_memory(self) -> EncodedBatch:  # DataLoader(pin_memory=True) calls this
-        for item in self.items:
-            if item.pixels is not None:
-                item.pixels = item.pixels.pin_memory()
-        return self
 
 
 class ShardDataset(Dataset):
@@ -289,7 +205,7 @@ class ShardDataset(Dataset):
         """The crop window and flip of sample ``index`` in the current epoch."""
         if not self.train:
             return FULL_VIEW, False
-        return random_view(_sample_seed(self.seed, self.epoch, index))
+        return random_view(sample_seed(self.seed, self.epoch, index))
 
     def _decode(self, image: Image.Image, view: View) -> torch.Tensor:
         """``[3, S, S]`` uint8: the view of an opened image, resized (not flipped)."""
@@ -297,7 +213,7 @@ class ShardDataset(Dataset):
         if image.format == "JPEG":
             image.draft("RGB", (size, size))  # decode big JPEGs at a reduced scale
         rgb = image.convert("RGB").resize(
-            (size, size), Image.Resampling.BILINEAR, box=_pixels(view, *image.size)
+            (size, size), Image.Resampling.BILINEAR, box=view_pixels(view, *image.size)
         )
         return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -350,7 +266,7 @@ class ShardDataset(Dataset):
         if self.format == SourceFormat.seg:
             with Image.open(io.BytesIO(mask_bytes)) as mask:
                 resized = mask.resize(
-                    (size, size), Image.Resampling.NEAREST, box=_pixels(view, *mask.size)
+                    (size, size), Image.Resampling.NEAREST, box=view_pixels(view, *mask.size)
                 )
             return {"mask": torch.from_numpy(np.asarray(resized, dtype=np.int64).copy())}
         return {}
@@ -379,100 +295,3 @@ def _collate_listed(
 def collate_fn(format: SourceFormat | str) -> Callable:
     """The batch collation of a format: stacked targets, or a list of dicts for det."""
     return _collate_listed if SourceFormat(format) == SourceFormat.det else _collate_stacked
-
-
-# ------------------------------------------------------------------ batch decode
-
-
-def resize_weights(
-    start: torch.Tensor, end: torch.Tensor, in_size: int, out_size: int
-) -> torch.Tensor:
-    """``[n, out_size, in_size]`` rows of PIL's BILINEAR resampling of ``[start, end)``.
-
-    PIL's filter (``Resample.c``): output pixel ``i`` is centred at ``start + (i + 0.5) *
-    scale`` in the input, ``scale = (end - start) / out_size``; the triangle filter is
-    widened by ``max(scale, 1)`` (antialiasing when shrinking) and renormalised where the
-    image edge cuts it. ``start``/``end``: ``[n]`` float tensors, in input pixels.
-    """
-    device = start.device
-    scale = (end - start) / out_size
-    support = scale.clamp(min=1.0)
-    centres = start[:, None] + (torch.arange(out_size, device=device) + 0.5) * scale[:, None]
-    x = torch.arange(in_size, device=device, dtype=centres.dtype) + 0.5
-    weights = (1 - ((x - centres[:, :, None]) / support[:, None, None]).abs()).clamp_(min=0)
-    return weights / weights.sum(-1, keepdim=True).clamp_(min=1e-12)
-
-
-def resize_views(images: torch.Tensor, views: Sequence[View], size: int) -> torch.Tensor:
-    """Crop each image ``[n, 3, H, W]`` (uint8 or float) to its view, resized to ``size``.
-
-    Float ``[n, 3, size, size]`` in 0..255, rounded as PIL's 8-bit output is: the same
-    resampling as ``ShardDataset.__getitem__`` (two matrix products per image, batched).
-    """
-    n, _, height, width = images.shape
-    box = _on(images.device, views, torch.float32).reshape(n, 4)
-    wx = resize_weights(box[:, 0] * width, box[:, 2] * width, width, size)  # [n, S, W]
-    wy = resize_weights(box[:, 1] * height, box[:, 3] * height, height, size)  # [n, S, H]
-    out = images.float() @ wx.transpose(1, 2)[:, None]  # [n, 3, H, S]
-    return (wy[:, None] @ out).round_().clamp_(0, 255)  # [n, 3, S, S]
-
-
-def decode_jpegs(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """RGB ``[3, H, W]`` uint8 images of JPEG bytes, decoded on ``device`` (nvjpeg on CUDA).
-
-    On CUDA the list is decoded in one batched call; if nvjpeg refuses one (CMYK, an
-    unusual coding), the batch is decoded on the CPU instead and moved.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    # torchvision 0.29 deprecates its image codecs for TorchCodec; they still work
-    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning, "torchvision")
-    device = torch.device(device)
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        if device.type == "cpu":
-            raise
-        cpu = decode_jpeg(data, mode=ImageReadMode.RGB, device="cpu")
-        return [img.to(device, non_blocking=True) for img in cpu]
-
-
-def _on(device: torch.device, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
-    """A small tensor on ``device`` without a host sync (a blocking copy would wait for the
-    kernels queued on the GPU; from pageable memory the async copy is staged at once)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-DECODE_CHUNK = 64  # images resized together: bounds the [n, S, W] weight tensors
-
-
-def decode_batch(batch: EncodedBatch, device: torch.device | str) -> torch.Tensor:
-    """The ``[B, 3, S, S]`` float images in [0, 1] of an :class:`EncodedBatch`, on ``device``.
-
-    JPEGs are decoded on ``device`` in one call, cropped to their view and resized like
-    the PIL path, then flipped; ``device="cpu"`` runs the same code on the CPU.
-    """
-    device = torch.device(device)
-    items = batch.items
-    size = items[0].size
-    out = torch.empty((len(items), 3, size, size), dtype=torch.float32, device=device)
-    jpeg = [i for i, item in enumerate(items) if item.jpeg is not None]
-    if jpeg:
-        decoded = decode_jpegs([items[i].jpeg for i in jpeg], device)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for k, img in enumerate(decoded):
-            by_shape.setdefault(tuple(img.shape), []).append(k)
-        for ks in by_shape.values():
-            for c in range(0, len(ks), DECODE_CHUNK):
-                chunk = ks[c : c + DECODE_CHUNK]
-                images = torch.stack([decoded[k] for k in chunk])
-                where = _on(device, [jpeg[k] for k in chunk], torch.int64)
-                out[where] = resize_views(images, [items[jpeg[k]].view for k in chunk], size)
-    for i, item in enumerate(items):
-        if item.pixels is not None:
-            out[i] = item.pixels.to(device, non_blocking=True)
-    flips = [i for i, item in enumerate(items) if item.flip]
-    if flips:
-        where = _on(device, flips, torch.int64)
-        out[where] = out[where].flip(-1)
-    return out.div_(255)

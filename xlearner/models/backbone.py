@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from xlearner.models.spec import BACKBONE_FORMAT, SPEC_FILE, WEIGHTS_FILE, BackboneError
+from xlearner.models.pretrained import init_from_pretrained
+from xlearner.models.spec import BACKBONE_FORMAT, SPEC_FILE, WEIGHTS_FILE
 from xlearner.store import atomic_write
 from xlearner.tasks import IMAGENET_MEAN, IMAGENET_STD
 
@@ -143,82 +143,8 @@ def save_backbone(
 
 
 def load_backbone_weights(backbone: Backbone, file: str | Path) -> Backbone:
-    """Load ``file`` (safetensors, or a ``torch.save`` state dict read with weights_only)
-    into ``backbone`` strictly: every tensor present, no extra tensor, same shapes."""
-    file = Path(file)
-    state = _remap_torchvision(_read_tensors(file))
-    expected = backbone.state_dict()
-    if not state.keys() & expected.keys():
-        raise BackboneError(
-            f"{file}: not a {backbone.name} backbone: none of its {len(expected)} tensors "
-            f"(e.g. {_some(expected)}) is in the file, which holds {_some(state) or 'no tensors'}"
-        )
-    # Old torchvision checkpoints lack the BN counters; they are bookkeeping, not weights.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise BackboneError(
-            f"{file}: {len(missing)} tensors of {backbone.name} are missing, e.g. {_some(missing)}"
-        )
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise BackboneError(
-            f"{file}: {len(unexpected)} tensors are not part of {backbone.name}, "
-            f"e.g. {_some(unexpected)}"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise BackboneError(
-                f"{file}: tensor {key!r} has shape {list(tensor.shape)} but {backbone.name} "
-                f"expects {list(expected[key].shape)}"
-            )
-    backbone.load_state_dict(state, strict=False)
+    """Load ``file`` (safetensors, or a ``torch.save`` state dict read with weights_only;
+    xlearner or torchvision names) into ``backbone`` strictly: see
+    :func:`xlearner.models.pretrained.init_from_pretrained`."""
+    init_from_pretrained(backbone, file)
     return backbone
-
-
-def _read_tensors(file: Path) -> dict[str, Tensor]:
-    if not file.is_file():
-        raise BackboneError(f"{file}: weights file does not exist")
-    if file.suffix == ".safetensors":
-        try:
-            return load_file(file)
-        except (SafetensorError, OSError) as err:
-            raise BackboneError(f"{file}: not a readable safetensors file ({err})") from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means "not usable"
-        raise BackboneError(
-            f"{file}: not a safetensors file and not a weights-only torch state dict ({err})"
-        ) from None
-    if (
-        isinstance(state, Mapping)
-        and len(state) == 1
-        and isinstance(next(iter(state.values())), Mapping)
-    ):
-        state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}}
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise BackboneError(f"{file}: expected a mapping of tensor names to tensors")
-    return dict(state)
-
-
-def _remap_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """torchvision ResNet names (conv1, bn1, layer1..4, fc) -> ours (stem.*, stages.0..3)."""
-    if "conv1.weight" not in state:
-        return state
-    renamed = {}
-    for key, tensor in state.items():
-        if key.startswith("fc."):
-            continue
-        if key.startswith("conv1."):
-            key = "stem.conv." + key.removeprefix("conv1.")
-        elif key.startswith("bn1."):
-            key = "stem.bn." + key.removeprefix("bn1.")
-        elif key.startswith("layer") and key[5:6].isdigit():
-            key = f"stages.{int(key[5]) - 1}{key[6:]}"
-        renamed[key] = tensor
-    return renamed
-
-
-def _some(names: Sequence[str] | Mapping[str, Any], limit: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

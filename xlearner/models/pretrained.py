@@ -27,7 +27,6 @@ from old torchvision checkpoints) may be missing; it then keeps its value.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +38,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from xlearner.models.spec import BackboneError
+from xlearner.store import sha256_file
+
 SUFFIXES = (".safetensors", ".pth", ".pt")
 IGNORED_PREFIXES = ("fc.",)  # torchvision's classifier
 OPTIONAL_SUFFIX = "num_batches_tracked"
@@ -46,7 +48,7 @@ WRAPPER_KEYS = ("state_dict", "model")
 SHOWN = 8  # names listed per kind of problem
 
 
-class PretrainedError(ValueError):
+class PretrainedError(BackboneError):
     """A pretrained file that cannot initialise the backbone; names the file and tensors."""
 
 
@@ -68,23 +70,15 @@ class PretrainedInfo:
         }
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of ``path`` by name (wrappers and ``module.`` unwrapped), or a
     :class:`PretrainedError` saying why the file is not a state dict."""
     path = Path(path)
     if not path.is_file():
-        raise PretrainedError(f"pretrained weights {path}: no such file")
+        raise PretrainedError(f"weights file {path}: no such file")
     if path.suffix not in SUFFIXES:
         raise PretrainedError(
-            f"pretrained weights {path}: expected a {' or '.join(SUFFIXES)} file, "
+            f"weights file {path}: expected a {' or '.join(SUFFIXES)} file, "
             f"got {path.suffix or 'no suffix'!r}"
         )
     if path.suffix == ".safetensors":
@@ -92,14 +86,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             state: Any = load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
             raise PretrainedError(
-                f"pretrained weights {path}: not a readable safetensors file ({err})"
+                f"weights file {path}: not a readable safetensors file ({err})"
             ) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # every unpickling failure means "not a weights-only file"
             raise PretrainedError(
-                f"pretrained weights {path}: not a state dict that torch.load(weights_only=True) "
+                f"weights file {path}: not a state dict that torch.load(weights_only=True) "
                 f"can read (only tensors are loaded, never a pickled model or code): "
                 f"{_load_error(err)}"
             ) from None
@@ -110,13 +104,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 break
     if not isinstance(state, Mapping) or not state:
         raise PretrainedError(
-            f"pretrained weights {path}: not a state dict: expected a mapping of tensor names "
+            f"weights file {path}: not a state dict: expected a mapping of tensor names "
             f"to tensors, got {_describe(state)}"
         )
     not_tensors = [str(k) for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise PretrainedError(
-            f"pretrained weights {path}: not a state dict: {len(not_tensors)} entries are not "
+            f"weights file {path}: not a state dict: {len(not_tensors)} entries are not "
             f"tensors, e.g. {_some(not_tensors)}"
         )
     names = [str(k) for k in state]
@@ -178,8 +172,8 @@ def init_from_pretrained(backbone: nn.Module, path: str | Path) -> PretrainedInf
         hint = ""
         if len(missing) == len([k for k in expected if not k.endswith(OPTIONAL_SUFFIX)]):
             hint = (
-                f" (none of the trunk's tensors is in the file: is it a ResNet state dict "
-                f"in torchvision or xlearner names? it holds {_some(list(state), 4)})"
+                f" (none of the trunk's tensors is in the file, so it is not a {name} backbone "
+                f"in torchvision or xlearner names; it holds {_some(list(state), 4)})"
             )
         names = (
             "torchvision names, shown as ours: conv1/bn1 -> stem.conv/stem.bn, layerN -> stages.N-1"
@@ -187,14 +181,14 @@ def init_from_pretrained(backbone: nn.Module, path: str | Path) -> PretrainedInf
             else "xlearner names"
         )
         raise PretrainedError(
-            f"pretrained weights {path} ({names}) do not fit backbone {name!r}: "
+            f"weights file {path} ({names}) do not fit backbone {name!r}: "
             + "; ".join(problems)
             + hint
         )
     backbone.load_state_dict(state, strict=False)  # every key checked above
     return PretrainedInfo(
         path=str(path),
-        sha256=file_sha256(path),
+        sha256=sha256_file(path),
         layout=layout,
         tensors_loaded=len(state),
         ignored=tuple(ignored),

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xlearner import tracking
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import PipelineConfig
-from xlearner.engine import Checkpointer, Stream
+from xlearner.loaders import Stream
 from xlearner.models.backbone import Backbone, count_parameters
 from xlearner.models.loading import load_backbone
 from xlearner.models.multitask import MultiTaskModel, load_model

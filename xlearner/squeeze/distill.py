@@ -33,11 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import EngineConfig, SqueezeConfig
-from xlearner.engine import Checkpointer, MetricsCallback, Stream, Trainer, evaluate
+from xlearner.engine import MetricsCallback, Trainer, evaluate
+from xlearner.loaders import Stream
 from xlearner.metrics import MeanLoss
 from xlearner.models.backbone import Backbone, count_parameters
 from xlearner.models.multitask import MultiTaskModel
+from xlearner.models.pretrained import init_from_pretrained
 from xlearner.models.registry import create_backbone
 
 log = logging.getLogger("xlearner.squeeze")
@@ -308,6 +311,9 @@ def distill(
     torch.manual_seed(seed)
     student = create_backbone(student_arch)
     check_student_size(student, teacher, student_arch)
+    pretrained = {}
+    if cfg.student_pretrained_path:
+        pretrained = init_from_pretrained(student, cfg.student_pretrained_path).params()
     objective = DistillationObjective(
         teacher,
         student,
@@ -326,5 +332,6 @@ def distill(
         "student_parameters": count_parameters(student),
         "teacher_parameters": count_parameters(teacher.trunk),
         "hints": sorted(objective.hints),
+        **pretrained,
     }
     return student.cpu().eval(), metrics

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import torch_pruning as tp
 
+from xlearner.checkpoint import Checkpointer
 from xlearner.config import EngineConfig, SqueezeConfig
-from xlearner.engine import Checkpointer, MetricsCallback, Stream
+from xlearner.engine import MetricsCallback
+from xlearner.loaders import Stream
 from xlearner.models.backbone import count_parameters
 from xlearner.models.multitask import MultiTaskModel
 from xlearner.models.pruned import PrunedReconciledBackbone

@@ -14,7 +14,8 @@ from torch import nn
 
 from xlearner.config import PipelineConfig
 from xlearner.data.shards import ShardDataset, collate_fn
-from xlearner.engine import Stream, Trainer, evaluate
+from xlearner.engine import Trainer, evaluate
+from xlearner.loaders import Stream
 from xlearner.models.heads import create_head
 from xlearner.models.multitask import MultiTaskModel, stream_name
 
