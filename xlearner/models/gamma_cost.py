@@ -12,13 +12,12 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from xlearner.config import ConfigError, ReconcileConfig
 from xlearner.models.backbone import count_parameters
 from xlearner.models.reconciliation import (
     DEFAULT_RECEIVE_STAGES,
@@ -32,7 +31,13 @@ from xlearner.models.reconciliation import (
 )
 
 
-class GammaBudgetError(ConfigError):
+class GammaBudget(Protocol):
+    """What the cap reads of the config's ``reconcile`` section."""
+
+    max_gamma_ratio: float | None
+
+
+class GammaBudgetError(ValueError):
     """The gammas cost more than ``reconcile.max_gamma_ratio`` allows (a config error)."""
 
 
@@ -296,7 +301,7 @@ def _changes(cost: GammaCost, alternative: GammaCost) -> list[str]:
     return changes
 
 
-def check_gamma_budget(cost: GammaCost, cfg: ReconcileConfig, max_options: int = 4) -> None:
+def check_gamma_budget(cost: GammaCost, cfg: GammaBudget, max_options: int = 4) -> None:
     """Raise :class:`GammaBudgetError` when ``cost.ratio`` exceeds ``cfg.max_gamma_ratio``
     (``None`` = no cap), with the numbers and up to ``max_options`` cheaper layouts that
     fit: those that keep the mode first (same_level gives up the lower levels, METHOD.md
