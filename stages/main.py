@@ -15,14 +15,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 from xlearner import distributed
-from xlearner.config import ConfigError, PipelineConfig, apply_overrides, validate_config
+from xlearner.config import ConfigError, PipelineConfig, load_config
 from xlearner.contract import RESULT_FILE, RESULT_PREFIX, ExitCode, StageCall, StageResult
 from xlearner.outputs import StageOutput
-from xlearner.store import StoreError, open_store
+from xlearner.store import StoreError
 
 log = logging.getLogger("xlearner.stage")
 
@@ -54,25 +53,6 @@ def setup_logging() -> None:
     )
 
 
-def load_config_uri(uri: str, overrides: list[str]) -> PipelineConfig:
-    """Load a config from a local file or from the store (the flow publishes it there)."""
-    import yaml
-
-    if "://" in uri:
-        parent, _, name = uri.rpartition("/")
-        text = open_store(parent).read_bytes(name).decode()
-    else:
-        path = Path(uri)
-        if not path.is_file():
-            raise ConfigError(f"config file {uri} does not exist")
-        text = path.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {uri} is not valid YAML/JSON: {err}") from None
-    return validate_config(apply_overrides(data, overrides), origin=uri)
-
-
 def emit_result(result: StageResult) -> None:
     print(RESULT_PREFIX + json.dumps(result.dump(), sort_keys=True), flush=True)
 
@@ -80,7 +60,7 @@ def emit_result(result: StageResult) -> None:
 def _run(call_class: type[C], body: Body, argv: list[str] | None, skip_done: bool) -> StageResult:
     call = call_class.parse(argv)
     distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
-    cfg = load_config_uri(call.config, call.overrides)
+    cfg = load_config(call.config, call.overrides)
     call.check()
     out = StageOutput(call.out) if call.out else None
     if skip_done and out is not None and (done := out.done()) is not None:

@@ -17,6 +17,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from xlearner.store import ArtifactStore, join
+from xlearner.store_keys import LATEST
 
 
 class Checkpointer:
@@ -44,7 +45,7 @@ class Checkpointer:
         )
         self.store.write_bytes(join(folder, "trainer_state.pt"), buf.getvalue())
         self.store.write_json(
-            join(self.prefix, "latest.json"), {"step": step, "folder": folder, **extra}
+            join(self.prefix, LATEST), {"step": step, "folder": folder, **extra}
         )
         self._prune(step)
 
@@ -60,7 +61,7 @@ class Checkpointer:
             self.store.delete_prefix(join(self.prefix, f"step-{old:08d}"))
 
     def latest(self) -> dict | None:
-        key = join(self.prefix, "latest.json")
+        key = join(self.prefix, LATEST)
         return self.store.read_json(key) if self.store.exists(key) else None
 
     def load(self, model: nn.Module, optimizer, scheduler) -> int:

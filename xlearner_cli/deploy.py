@@ -14,7 +14,7 @@ CronOpt = Annotated[str | None, typer.Option("--cron", help='schedule, e.g. "0 3
 NameOpt = Annotated[str | None, typer.Option(help="deployment name (default: the config's name)")]
 
 
-@deploy_app.command("deploy")
+@deploy_app.command("create")
 def deploy_command(
     config: ConfigOpt,
     pool: Annotated[str, typer.Option(help="work pool (created when missing)")] = DOCKER_POOL,

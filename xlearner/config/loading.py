@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from xlearner.config.pipeline import PipelineConfig
+from xlearner.store import open_store
 
 
 class ConfigError(ValueError):
@@ -74,18 +75,27 @@ def validate_config(data: dict[str, Any], origin: str = "<dict>") -> PipelineCon
         raise ConfigError(format_validation_error(err, origin)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML (or JSON) config file, apply ``key=value`` overrides, validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+def load_config(source: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML (or JSON) config from a local file or a store URI (the flow publishes
+    the config its stages read in the store), apply ``key=value`` overrides, validate it."""
+    text = _config_text(str(source))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {path}: top level must be a mapping, got {type(data).__name__}"
+            f"config file {source}: top level must be a mapping, got {type(data).__name__}"
         )
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, origin=str(path))
+    return validate_config(data, origin=str(source))
+
+
+def _config_text(source: str) -> str:
+    if "://" in source:
+        parent, _, name = source.rpartition("/")
+        return open_store(parent).read_bytes(name).decode()
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return path.read_text()
