@@ -44,9 +44,7 @@ class Checkpointer:
             buf,
         )
         self.store.write_bytes(join(folder, "trainer_state.pt"), buf.getvalue())
-        self.store.write_json(
-            join(self.prefix, LATEST), {"step": step, "folder": folder, **extra}
-        )
+        self.store.write_json(join(self.prefix, LATEST), {"step": step, "folder": folder, **extra})
         self._prune(step)
 
     def _prune(self, step: int) -> None:
