@@ -13,9 +13,10 @@ import textwrap
 import pytest
 
 from xlearner.config import DownstreamConfig, SourceConfig
-from xlearner.data.ingest import ingest_source, manifest_key, split_of
+from xlearner.data.ingest import ingest_source, split_of
 from xlearner.data.source_files import SourceError
 from xlearner.store import TMP_MARK, StoreError, join, sha256_file
+from xlearner.store_keys import manifest_key
 
 SMALL_SHARDS = 60_000  # several shards per split for the synthetic sources
 

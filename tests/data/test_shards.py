@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader
 from xlearner.config import SourceConfig
 from xlearner.data.augment import hflip, view_boxes
 from xlearner.data.decode import EncodedBatch, decode_batch
-from xlearner.data.ingest import ingest_source, manifest_key
+from xlearner.data.ingest import ingest_source
 from xlearner.data.shards import ManifestError, ShardDataset, collate_fn, load_manifest
 from xlearner.loaders import StepBatchSampler, Stream, make_loader, stream_seed
 from xlearner.store import StoreError, open_store
+from xlearner.store_keys import manifest_key
 
 SIZE = 48
 
