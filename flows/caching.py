@@ -69,9 +69,17 @@ def source_fingerprint(uri: str, endpoint_url: str | None = None) -> str:
 
 def file_digest(path: str | None) -> str | None:
     """sha256 of a local input file named by the config (pretrained weights), so that a
-    file changed in place re-runs what started from it; None when no file is named."""
+    file changed in place re-runs what started from it; None when no file is named.
+    Hashed once per (path, size, mtime) however many stage calls name it."""
     if path is None:
         return None
-    if not Path(path).expanduser().is_file():
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise ConfigError(f"pretrained weights {path} (from the config) is not a file")
-    return sha256_file(Path(path).expanduser())
+    st = file.stat()
+    return _digest(file.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.cache
+def _digest(file: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(file)

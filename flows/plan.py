@@ -308,7 +308,7 @@ class Plan:
             {
                 "versions": self.source_versions(),
                 "init": init_backbone,
-                "pretrained": file_digest(self.cfg.model.pretrained_path),
+                "pretrained": file_digest(self.cfg.pretrained_path_for(None)),
             },
             task=HARD_SHARING_TASK,
             manifests=self.manifests_of(self.training_sources()),

@@ -25,7 +25,7 @@ import boto3
 import prefect  # noqa: F401  (see above)
 import pytest
 
-from devstack import SeaweedFS, ServiceError, find_weed
+from devstack import SeaweedFS, ServiceError, find_tool
 from xlearner.data.synth import synth_source_configs, synthesize
 from xlearner.store import ArtifactStore, open_store
 
@@ -73,7 +73,7 @@ def _isolated_cache(tmp_path_factory) -> Iterator[None]:
 def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     """SeaweedFS on free ports with random credentials, for the whole session."""
     try:
-        find_weed()
+        find_tool("weed")
     except ServiceError as err:
         pytest.skip(str(err))
     server = SeaweedFS(

@@ -158,6 +158,13 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def pairs(description: str, flag: str | None = None) -> Any:
+    """A repeated ``--flag NAME=VALUE`` field (a ``dict[str, str]``, empty by default);
+    ``flag``: when it is not the field's name."""
+    extra = {"flag": flag} if flag else None
+    return Field(default_factory=dict, description=description, json_schema_extra=extra)
+
+
 TRAINING_SECTIONS = ("model", "heads", "engine", "seed", "sources")
 
 
@@ -184,9 +191,7 @@ class ExpandCall(StageCall):
     )
 
     task: str = Field(description=f"task type, or {HARD_SHARING_TASK!r} for hard sharing")
-    manifests: dict[str, str] = Field(
-        default_factory=dict, description="SOURCE=URI", json_schema_extra={"flag": "--manifest"}
-    )
+    manifests: dict[str, str] = pairs("SOURCE=URI", "--manifest")
     init_backbone: str | None = Field(
         default=None, description="start the trunk from this published backbone"
     )
@@ -204,12 +209,8 @@ class ReconcileCall(StageCall):
         "train them jointly."
     )
 
-    sub_models: dict[str, str] = Field(
-        default_factory=dict, description="TASK=URI", json_schema_extra={"flag": "--sub-model"}
-    )
-    manifests: dict[str, str] = Field(
-        default_factory=dict, description="SOURCE=URI", json_schema_extra={"flag": "--manifest"}
-    )
+    sub_models: dict[str, str] = pairs("TASK=URI", "--sub-model")
+    manifests: dict[str, str] = pairs("SOURCE=URI", "--manifest")
 
 
 class SqueezeCall(StageCall):
@@ -221,15 +222,9 @@ class SqueezeCall(StageCall):
     )
 
     teacher: str | None = Field(default=None, description="the expanded model (reconcile's)")
-    sub_models: dict[str, str] = Field(
-        default_factory=dict, description="TASK=URI", json_schema_extra={"flag": "--sub-model"}
-    )
-    hints: dict[str, str] = Field(
-        default_factory=dict, description="NAME=URI", json_schema_extra={"flag": "--hint"}
-    )
-    manifests: dict[str, str] = Field(
-        default_factory=dict, description="SOURCE=URI", json_schema_extra={"flag": "--manifest"}
-    )
+    sub_models: dict[str, str] = pairs("TASK=URI", "--sub-model")
+    hints: dict[str, str] = pairs("NAME=URI", "--hint")
+    manifests: dict[str, str] = pairs("SOURCE=URI", "--manifest")
 
     def check(self) -> None:
         if bool(self.teacher) == bool(self.sub_models):
@@ -244,15 +239,9 @@ class TransferCall(StageCall):
     reads = ("transfer", "model", "engine", "seed")
     description = "Transfer stage: evaluate backbones on the downstream sources, write the report."
 
-    backbones: dict[str, str] = Field(
-        default_factory=dict,
-        description=f"NAME=URI or NAME={RANDOM_BACKBONE}ARCH",
-        json_schema_extra={"flag": "--backbone"},
-    )
-    train_images: dict[str, str] = Field(
-        default_factory=dict, description="NAME=N", json_schema_extra={"flag": "--train-images"}
-    )
-    downstream: dict[str, str] = Field(default_factory=dict, description="NAME=MANIFEST_URI")
+    backbones: dict[str, str] = pairs(f"NAME=URI or NAME={RANDOM_BACKBONE}ARCH", "--backbone")
+    train_images: dict[str, str] = pairs("NAME=N", "--train-images")
+    downstream: dict[str, str] = pairs("NAME=MANIFEST_URI")
 
 
 CALLS: dict[Stage, type[StageCall]] = {

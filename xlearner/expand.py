@@ -99,8 +99,7 @@ def expand_job(
         train_cfg = train_cfg.model_copy(update={"steps": steps})
     streams = load_streams(cfg, manifests, tasks, only_source=source)
     model = build_single_trunk_model(cfg, streams)
-    # hard sharing starts from the model's file, as the sub-backbones do without an override
-    path = cfg.pretrained_path_for(tasks[0]) if len(tasks) == 1 else cfg.model.pretrained_path
+    path = cfg.pretrained_path_for(None if task == HARD_SHARING_TASK else tasks[0])
     pretrained = {}
     if init_backbone:
         init_trunk_from_backbone(model, fetch_dir(init_backbone))

@@ -25,7 +25,7 @@ from xlearner.loaders import Stream
 from xlearner.models.multitask import MultiTaskModel, stream_name
 from xlearner.tasks import TaskType
 
-log = logging.getLogger("xlearner.train")
+log = logging.getLogger("xlearner.streams")
 
 
 class TrainingInputError(ValueError):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from devstack import SeaweedFS, find_weed, free_port
+from devstack import SeaweedFS, find_tool, free_port
 from xlearner.secrets import SECRET_NAME
 
 REPO = Path(__file__).resolve().parents[2]
@@ -370,7 +370,7 @@ def test_seaweedfs_command_of_the_compose_file_serves_s3(tmp_path):
     )
     env = {
         **os.environ,
-        "WEED": find_weed(),
+        "WEED": find_tool("weed"),
         "PY": sys.executable,
         "PROBE": probe,
         "LOG": str(tmp_path / "weed.log"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import LocalStack, ServiceError, find_tool, find_weed
+from devstack import LocalStack, ServiceError, find_tool
 from tests.integration.stack_helpers import StackRun, run_flow
 from tests.pipeline_config import tiny_config
 from xlearner.store import open_store
@@ -38,7 +38,7 @@ S3_DATA_PREFIX = "data"
 def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
     """SeaweedFS + MLflow + Prefect servers for the session; this process uses them."""
     try:
-        find_weed(), find_tool("mlflow"), find_tool("prefect")
+        find_tool("weed"), find_tool("mlflow"), find_tool("prefect")
     except ServiceError as err:
         pytest.skip(str(err))
     import boto3

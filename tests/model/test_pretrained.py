@@ -205,6 +205,7 @@ def test_pretrained_paths_in_the_config():
     )
     assert cfg.pretrained_path_for(TaskType.det) == "/w/det.pth"
     assert cfg.pretrained_path_for(TaskType.cls) == "/w/all.safetensors"
+    assert cfg.pretrained_path_for(None) == "/w/all.safetensors"  # hard sharing: the model's
     assert cfg.squeeze.student_pretrained_path == "/w/student.pt"
     assert cfg.tasks[TaskType.cls].steps == 160  # the quickstart's own per-task fields stay
     assert load_config(QUICKSTART).pretrained_path_for(TaskType.cls) is None

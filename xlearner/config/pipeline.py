@@ -125,9 +125,11 @@ class PipelineConfig(StrictModel):
     def train_config(self, task: TaskType) -> TaskTrainConfig:
         return self.tasks.get(task, TaskTrainConfig())
 
-    def pretrained_path_for(self, task: TaskType) -> str | None:
-        """The file task ``task``'s sub-backbone starts from (None: random init)."""
-        return self.train_config(task).pretrained_path or self.model.pretrained_path
+    def pretrained_path_for(self, task: TaskType | None) -> str | None:
+        """The file task ``task``'s sub-backbone starts from (None: random init); for
+        ``task=None`` (the hard-sharing trunk, which trains every task) the model's file."""
+        override = self.train_config(task).pretrained_path if task is not None else None
+        return override or self.model.pretrained_path
 
     @property
     def student_backbone(self) -> str:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from xlearner.models.pretrained import init_from_pretrained
+from xlearner.models.pretrained import load_weights
 from xlearner.models.spec import BACKBONE_FORMAT, SPEC_FILE, WEIGHTS_FILE
 from xlearner.store import atomic_write
 from xlearner.tasks import IMAGENET_MEAN, IMAGENET_STD
@@ -145,6 +145,6 @@ def save_backbone(
 def load_backbone_weights(backbone: Backbone, file: str | Path) -> Backbone:
     """Load ``file`` (safetensors, or a ``torch.save`` state dict read with weights_only;
     xlearner or torchvision names) into ``backbone`` strictly: see
-    :func:`xlearner.models.pretrained.init_from_pretrained`."""
-    init_from_pretrained(backbone, file)
+    :func:`xlearner.models.pretrained.load_weights`."""
+    load_weights(backbone, file)
     return backbone

@@ -142,8 +142,23 @@ def torchvision_to_ours(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
 
 
 def init_from_pretrained(backbone: nn.Module, path: str | Path) -> PretrainedInfo:
+    """Start ``backbone`` from the file ``path`` (see :func:`load_weights`); returns what
+    a stage records of it, the file's sha256 included."""
+    path = Path(path).expanduser().resolve()
+    layout, loaded, ignored = load_weights(backbone, path)
+    return PretrainedInfo(
+        path=str(path),
+        sha256=sha256_file(path),
+        layout=layout,
+        tensors_loaded=loaded,
+        ignored=ignored,
+    )
+
+
+def load_weights(backbone: nn.Module, path: str | Path) -> tuple[str, int, tuple[str, ...]]:
     """Load the file ``path`` into ``backbone`` (a ``Backbone``: ``stem`` + ``stages``)
-    strictly, or raise :class:`PretrainedError` before anything is changed."""
+    strictly, or raise :class:`PretrainedError` before anything is changed. Returns the
+    file's layout (its tensor names), the number of tensors loaded and those ignored."""
     path = Path(path).expanduser().resolve()
     state = read_state_dict(path)
     layout = "torchvision" if is_torchvision_layout(state) else "xlearner"
@@ -186,13 +201,7 @@ def init_from_pretrained(backbone: nn.Module, path: str | Path) -> PretrainedInf
             + hint
         )
     backbone.load_state_dict(state, strict=False)  # every key checked above
-    return PretrainedInfo(
-        path=str(path),
-        sha256=sha256_file(path),
-        layout=layout,
-        tensors_loaded=len(state),
-        ignored=tuple(ignored),
-    )
+    return layout, len(state), tuple(ignored)
 
 
 def _some(names: Sequence[str], limit: int = SHOWN) -> str:
