@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,11 @@ class MlflowServer(Service):
     """``mlflow server`` with a SQLite backend in ``workdir``, artifacts proxied to S3.
 
     Only this process gets the S3 credentials and ``MLFLOW_S3_ENDPOINT_URL``: clients
-    upload artifacts through the server (``mlflow-artifacts:/``).
+    upload artifacts through the server (``mlflow-artifacts:/``). With ``username`` and
+    ``password`` it runs MLflow's basic-auth app: that user is its admin (created at the
+    first start, its users database beside the tracking one), every other request than
+    ``/health`` needs a user's credentials, and a user MLflow knows may read every
+    experiment (``default_permission = READ``).
     """
 
     name = "mlflow"
@@ -138,10 +143,14 @@ class MlflowServer(Service):
         host: str = "127.0.0.1",
         allowed_hosts: tuple[str, ...] = (),
         workers: int = 1,
+        username: str = "",
+        password: str = "",
     ):
         self.workdir = Path(workdir)
         super().__init__(self.workdir / "mlflow.log")
         self.s3 = s3
+        self.username = username
+        self.password = password
         self.host = host
         self.port = port or free_port(host)
         self.allowed_hosts = allowed_hosts
@@ -169,10 +178,19 @@ class MlflowServer(Service):
             "--port", str(self.port),
             "--workers", str(self.workers),
             "--allowed-hosts", ",".join(dict.fromkeys(hosts)),
+            *(["--app-name", "basic-auth"] if self.auth else []),
         ]  # fmt: skip
 
+    @property
+    def auth(self) -> bool:
+        return bool(self.username and self.password)
+
+    @property
+    def auth_config(self) -> Path:
+        return self.workdir / "mlflow-auth.ini"
+
     def environment(self) -> dict[str, str]:
-        return {
+        env = {
             "AWS_ACCESS_KEY_ID": self.s3.access_key,
             "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
             "AWS_DEFAULT_REGION": self.s3.region,
@@ -180,22 +198,59 @@ class MlflowServer(Service):
             # no GenAI job runners: they are seven more processes the pipeline never uses
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
+        if self.auth:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.auth_config.write_text(mlflow_auth_ini(self.workdir / "mlflow-auth.db"))
+            env |= {
+                "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config),
+                # read at the first start only (an empty users database), never logged
+                "MLFLOW_AUTH_ADMIN_USERNAME": self.username,
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+                # signs the UI's CSRF tokens; a new one per start only logs UI users out
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),
+            }
+        return env
 
     def is_ready(self) -> bool:
         return http_status(f"{self.url}/health") == 200
 
 
+def mlflow_auth_ini(database: Path) -> str:
+    """MLflow's basic-auth config: its users database and what a known user may do.
+
+    The admin comes from ``MLFLOW_AUTH_ADMIN_USERNAME``/``_PASSWORD`` (no password here).
+    """
+    return (
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{database.resolve()}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+
+
 class PrefectServer(Service):
-    """``prefect server start`` (API, UI and services) with its home and SQLite in ``workdir``."""
+    """``prefect server start`` (API, UI and services) with its home and SQLite in ``workdir``.
+
+    With ``auth_string`` (``user:password``) the API refuses every request without it
+    (HTTP basic auth; ``/api/health`` and ``/api/ready`` excepted) and the UI asks for it.
+    """
 
     name = "prefect"
     start_timeout_s = 180.0  # a loaded 2-core machine took 75 s
 
-    def __init__(self, workdir: str | Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        workdir: str | Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        auth_string: str = "",
+    ):
         self.workdir = Path(workdir)
         super().__init__(self.workdir / "prefect.log")
         self.host = host
         self.port = port or free_port(host)
+        self.auth_string = auth_string
 
     @property
     def url(self) -> str:
@@ -230,6 +285,7 @@ class PrefectServer(Service):
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
             "PREFECT_API_URL": self.api_url,  # what the UI (and this server's own services) call
+            **({"PREFECT_SERVER_API_AUTH_STRING": self.auth_string} if self.auth_string else {}),
         }
 
     def is_ready(self) -> bool:

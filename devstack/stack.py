@@ -14,6 +14,7 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devstack.credentials import ApiCredentials
 from devstack.servers import MlflowServer, PrefectServer, S3Settings, SeaweedFS
 from devstack.service import Service, ServiceError, group_alive, start_time, stop_group
 
@@ -36,7 +37,8 @@ class LocalStack:
     """SeaweedFS (S3) + ``mlflow server`` + ``prefect server`` on free loopback ports.
 
     A context manager; ``env()`` gives what a client of the stack needs. The three start
-    in parallel (each waits for its own health check) and stop in reverse order.
+    in parallel (each waits for its own health check) and stop in reverse order. Prefect
+    and MLflow require ``credentials`` (default: :meth:`ApiCredentials.resolve`).
     """
 
     def __init__(
@@ -46,10 +48,12 @@ class LocalStack:
         secret_key: str | None = None,
         bucket: str = "xlearner",
         host: str = "127.0.0.1",
+        credentials: ApiCredentials | None = None,
     ):
         self.workdir = Path(workdir).resolve()
         if not (access_key and secret_key):
             access_key, secret_key = generated_credentials()
+        self.credentials = credentials or ApiCredentials.resolve()
         self.host = host
         self.seaweedfs = SeaweedFS(
             self.workdir / "s3",
@@ -59,8 +63,16 @@ class LocalStack:
             host=host,
         )
         self.s3 = S3Settings(self.seaweedfs.endpoint_url, bucket, access_key, secret_key)
-        self.mlflow = MlflowServer(self.workdir, self.s3, host=host)
-        self.prefect = PrefectServer(self.workdir, host=host)
+        self.mlflow = MlflowServer(
+            self.workdir,
+            self.s3,
+            host=host,
+            username=self.credentials.mlflow_username,
+            password=self.credentials.mlflow_password,
+        )
+        self.prefect = PrefectServer(
+            self.workdir, host=host, auth_string=self.credentials.prefect_auth_string
+        )
 
     @property
     def services(self) -> list[Service]:
@@ -88,10 +100,11 @@ class LocalStack:
         return self.s3.uri("xlearner")
 
     def env(self) -> dict[str, str]:
-        """Variables for a client: Prefect API, MLflow tracking, S3 endpoint and identity."""
+        """Variables for a client: Prefect API, MLflow tracking, S3 endpoint, credentials."""
         return {
             "PREFECT_API_URL": self.prefect_api_url,
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            **self.credentials.client_env(),
             **self.s3.env(),
             "XLEARNER_STORE": self.store_uri,
         }
@@ -141,15 +154,18 @@ def read_env_file(path: str | Path) -> dict[str, str]:
     return env
 
 
+def _previous_env(workdir: Path) -> dict[str, str]:
+    """The ``stack.env`` of a previous ``stack up`` in ``workdir`` ({} when there is none)."""
+    env_file = workdir / STACK_ENV
+    return read_env_file(env_file) if env_file.is_file() else {}
+
+
 def _stack_credentials(workdir: Path) -> tuple[str | None, str | None]:
     """The identity of a previous ``stack up`` in ``workdir`` (its S3 data stays readable)."""
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         return None, None  # generated_credentials() takes them from the environment
-    env_file = workdir / STACK_ENV
-    if env_file.is_file():
-        env = read_env_file(env_file)
-        return env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    return None, None
+    env = _previous_env(workdir)
+    return env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
 
 
 def running_services(workdir: str | Path) -> dict[str, int]:
@@ -169,7 +185,9 @@ def stack_up(workdir: str | Path) -> Path:
     """Start the stack detached (it outlives this process); returns ``workdir/stack.env``.
 
     The pids go to ``workdir/stack.json`` for :func:`stack_down`; ``stack.env`` (mode
-    0600) holds the client variables, S3 secret included.
+    0600) holds the client variables, the S3 secret and the Prefect and MLflow
+    credentials included (taken from the environment or ``*_FILE`` variables, else from
+    the previous ``stack.env``, else generated).
     """
     workdir = Path(workdir).resolve()
     if running := running_services(workdir):
@@ -178,7 +196,8 @@ def stack_up(workdir: str | Path) -> Path:
             f"use {workdir / STACK_ENV} or stop it with `xlearner stack down --workdir {workdir}`"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(workdir, *_stack_credentials(workdir))
+    credentials = ApiCredentials.resolve(previous=_previous_env(workdir))
+    stack = LocalStack(workdir, *_stack_credentials(workdir), credentials=credentials)
     stack.start()
     state = {
         "services": {
@@ -200,7 +219,9 @@ def stack_up(workdir: str | Path) -> Path:
     lines = [f"{name}={shlex.quote(value)}" for name, value in stack.env().items()]
     _write_private(
         env_file,
-        "# written by `xlearner stack up`; holds the S3 secret\n" + "\n".join(lines) + "\n",
+        "# written by `xlearner stack up`; holds the S3, Prefect and MLflow secrets\n"
+        + "\n".join(lines)
+        + "\n",
     )
     for service in stack.services:
         service.process = None  # detach: no stop when these objects go away

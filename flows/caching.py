@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xlearner.config import ConfigError, hash_json
+from xlearner.config import ConfigError, RunnerConfig, hash_json
+from xlearner.data.source_files import dangling_link
 from xlearner.store import ArtifactStore, open_store, sha256_file
 from xlearner.store_keys import stage_prefix
 
@@ -22,11 +23,26 @@ CODE_ROOTS = ("xlearner", "stages")
 KEY_LENGTH = 20
 
 
-@functools.cache
-def code_version() -> str:
-    """Hash of the library and stage sources: a code change invalidates every cached stage."""
+def code_version(runner: RunnerConfig | None = None) -> str:
+    """What the stages run: a change of it invalidates every cached stage.
+
+    ``XLEARNER_CODE_VERSION`` when set; for stages in Docker containers (``runner.kind:
+    docker``) the id of the stage image on the engine (:func:`stage_image_id`), since the
+    flow's own copy of the code need not be the image's; else the hash of the library
+    and stage sources here (:func:`source_tree_hash`).
+    """
     if env := os.environ.get("XLEARNER_CODE_VERSION"):
         return env
+    if runner is not None and runner.kind == "docker":
+        from flows.operator import DockerSettings
+
+        return stage_image_id(DockerSettings.from_env().image)
+    return source_tree_hash()
+
+
+@functools.cache
+def source_tree_hash() -> str:
+    """Hash of the library and stage sources beside this file."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for folder in CODE_ROOTS:
@@ -35,10 +51,30 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_key(stage: str, section: Any, inputs: Any) -> str:
-    return hash_json({"stage": stage, "config": section, "inputs": inputs, "code": code_version()})[
-        :KEY_LENGTH
-    ]
+def stage_image_id(image: str) -> str:
+    """The engine's id (``sha256:...``) of the image tagged ``image``: a rebuilt image under
+    the same tag has a new id, so its stages run again. Asked on every call (cheap)."""
+    import docker
+
+    try:
+        return docker.from_env().images.get(image).id
+    except docker.errors.ImageNotFound:
+        raise ConfigError(
+            f"stage image {image!r} (XLEARNER_DOCKER_IMAGE) is not on the Docker engine; "
+            f"build it: docker build -f docker/Dockerfile.stage -t {image} ."
+        ) from None
+    except docker.errors.DockerException as err:
+        raise ConfigError(
+            f"cannot ask the Docker engine for the stage image {image!r}: {err}; "
+            "check DOCKER_HOST and that this user may use the engine"
+        ) from None
+
+
+def stage_key(stage: str, section: Any, inputs: Any, runner: RunnerConfig | None = None) -> str:
+    """The cache key of a stage: its config section, inputs and :func:`code_version`."""
+    return hash_json(
+        {"stage": stage, "config": section, "inputs": inputs, "code": code_version(runner)}
+    )[:KEY_LENGTH]
 
 
 def stage_out(store_uri: str, stage: str, key: str) -> str:
@@ -57,13 +93,17 @@ def source_fingerprint(uri: str, endpoint_url: str | None = None) -> str:
         return hash_json(entries)[:KEY_LENGTH]
     root = Path(uri)
     if not root.exists():
-        raise FileNotFoundError(f"source folder {uri} does not exist")
+        raise ConfigError(f"source folder {uri} does not exist; fix the source's `uri`")
     entries = []
     for dirpath, _, files in sorted(os.walk(root)):
         for name in sorted(files):
             path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if dangling_link(str(path)):  # ingest names it (or skips it with skip_invalid)
+                entries.append([rel, "dangling symlink", os.readlink(path)])
+                continue
             st = path.stat()
-            entries.append([path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+            entries.append([rel, st.st_size, st.st_mtime_ns])
     return hash_json(entries)[:KEY_LENGTH]
 
 

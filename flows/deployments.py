@@ -26,18 +26,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xlearner.config import PipelineConfig, load_config
+from flows.images import PULL_POLICY, worker_image
+from xlearner.config import ConfigError, PipelineConfig, load_config
+from xlearner.secrets import fields_with_url_credentials
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_ENTRYPOINT = "flows/pipeline.py:xlearner_pipeline"
 SENSOR_ENTRYPOINT = "flows/trigger.py:watch_sources"
 DOCKER_POOL = "xlearner-docker"
-FLOW_IMAGE = "xlearner-worker:latest"  # docker/Dockerfile.worker: prefect + this package
+FLOW_IMAGE = worker_image()  # docker/Dockerfile.worker: prefect + this package
+COMPOSE_NETWORK = "xlearner"  # docker-compose.yml: the services and the stage containers
 SENSOR_EVERY_S = 300
 SERVE_SENSOR_EVERY_S = 60  # serve: the sensor runs here, beside the pipeline
 # Variables a flow-run container gets as Prefect Secret blocks (resolved by the worker
 # when it starts the container; the UI never shows them).
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")
 
 
 def pipeline_deployment_name(cfg: PipelineConfig, name: str | None = None) -> str:
@@ -45,6 +48,19 @@ def pipeline_deployment_name(cfg: PipelineConfig, name: str | None = None) -> st
     from flows.pipeline import xlearner_pipeline
 
     return f"{xlearner_pipeline.name}/{name or cfg.name}"
+
+
+def check_no_url_credentials(cfg: PipelineConfig) -> None:
+    """Refuse a config that writes a credential inside a URL: a deployment's parameters are
+    shown to every Prefect UI user, so credentials come from the worker's environment."""
+    if fields := fields_with_url_credentials(cfg.model_dump(mode="json")):
+        raise ConfigError(
+            f"config {cfg.name!r}: {', '.join(fields)} holds a credential inside a URL "
+            "(user:password@ or a secret query parameter); a deployment's parameters are "
+            "visible in the Prefect UI: remove it from the URL and give it to the worker's "
+            "environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)"
+        )
 
 
 def pipeline_options(cfg: PipelineConfig, name: str | None, schedule_cron: str | None) -> dict:
@@ -83,15 +99,23 @@ def docker_job_variables(cfg: PipelineConfig, environ: dict[str, str]) -> dict[s
     It starts stage containers (``runner.kind: docker``) through the host's Docker
     socket (``DOCKER_GID``: the socket's group), reaches the services by name on the
     compose network, and reads the store and MLflow at the config's addresses. The S3
-    credentials of ``environ`` are saved as Secret blocks and referenced, not copied.
+    credentials of ``environ`` are saved as Secret blocks and referenced, not copied. The
+    operator's stage-container settings (:data:`flows.operator.OPERATOR_ENV`) set where
+    this runs are passed on; the stage containers join the compose network by default.
     """
     from prefect.blocks.system import Secret
+
+    from flows.operator import NETWORK_ENV, OPERATOR_ENV
 
     env = {"AWS_DEFAULT_REGION": environ.get("AWS_DEFAULT_REGION", "us-east-1")}
     if cfg.store.endpoint_url:
         env["AWS_ENDPOINT_URL"] = cfg.store.endpoint_url
     if cfg.tracking.uri:
         env["MLFLOW_TRACKING_URI"] = cfg.tracking.uri
+    if environ.get("MLFLOW_TRACKING_USERNAME"):  # its password: a Secret block (SECRET_ENV)
+        env["MLFLOW_TRACKING_USERNAME"] = environ["MLFLOW_TRACKING_USERNAME"]
+    env[NETWORK_ENV] = COMPOSE_NETWORK
+    env |= {name: environ[name] for name in OPERATOR_ENV if environ.get(name)}
     for variable in SECRET_ENV:
         if value := environ.get(variable):
             block = "xlearner-" + variable.lower().replace("_", "-")
@@ -99,8 +123,9 @@ def docker_job_variables(cfg: PipelineConfig, environ: dict[str, str]) -> dict[s
             env[variable] = f"{{{{ prefect.blocks.secret.{block} }}}}"
     variables: dict[str, Any] = {
         "volumes": ["/var/run/docker.sock:/var/run/docker.sock"],
-        "networks": ["xlearner"],
+        "networks": [COMPOSE_NETWORK],
         "env": env,
+        "image_pull_policy": PULL_POLICY,  # a local build under a versioned tag (flows/images.py)
     }
     if gid := environ.get("DOCKER_GID"):
         variables["container_create_kwargs"] = {"group_add": [gid]}
@@ -150,6 +175,7 @@ def deploy(
     from flows.trigger import watch_sources
 
     cfg = load_config(config_path, overrides)
+    check_no_url_credentials(cfg)
     kind = ensure_pool(pool)
     docker = kind == "docker"
     common: dict[str, Any] = {"work_pool_name": pool, "build": False, "push": False}
@@ -203,6 +229,7 @@ def serve(
     from flows.trigger import watch_sources
 
     cfg = load_config(config_path, overrides)
+    check_no_url_credentials(cfg)
     deployments = [xlearner_pipeline.to_deployment(**pipeline_options(cfg, name, schedule_cron))]
     if sensor_every_s:
         deployments.append(watch_sources.to_deployment(**sensor_options(cfg, name, sensor_every_s)))

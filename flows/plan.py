@@ -6,7 +6,8 @@ Its output goes to ``runs/<stage>/<cache key>/`` in the store, where the key has
 stage, the config it depends on (:meth:`Plan.config_section`), its inputs and the code
 version (:mod:`flows.caching`). Submissions are memoised by output: the variants of one
 run share every stage they have in common, and a stage whose ``result.json`` exists
-already (an earlier run's) is reused instead of run.
+already (an earlier run's) is reused instead of run, once its files are checked against
+their recorded sha256 (:mod:`xlearner.integrity`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from flows.caching import file_digest, source_fingerprint, stage_key, stage_out
-from flows.runners import StageFailed, make_runner
+from flows.runners import StageFailed, make_runner, stopping
 from xlearner.config import PipelineConfig, hash_json
 from xlearner.contract import (
     HARD_SHARING_TASK,
-    RESULT_FILE,
     ExitCode,
     ExpandCall,
     IngestCall,
@@ -39,11 +39,14 @@ from xlearner.contract import (
     StageCall,
     TransferCall,
 )
+from xlearner.data.held_out import check_held_out_content
+from xlearner.integrity import IntegrityError, set_aside, verified_result
 from xlearner.store import open_store
 from xlearner.store_keys import config_key
 from xlearner.tasks import TaskType
 
 Result = dict[str, Any]  # what a stage answered (its result.json)
+EXPERT_SEED_OFFSET = 10_000  # X-Learner++'s single-source experts train from seed + this
 
 
 def absolute_store_uri(uri: str) -> str:
@@ -74,6 +77,7 @@ class PipelineContext:
     progress_id: Any = None
     planned: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
+    no_repair: bool = False  # a damaged output fails the run instead of being re-run
 
     @property
     def store_uri(self) -> str:
@@ -89,19 +93,26 @@ class PipelineContext:
                 update_progress_artifact(self.progress_id, progress=100 * done)
 
 
+# a stage's exit codes that a rerun fails the same way (or that were asked for)
+NOT_RETRIED = frozenset({ExitCode.BAD_INPUT, ExitCode.STOPPED})
+
+
 def _transient(task, task_run, state) -> bool:
-    """Retry stage failures except bad input, which fails the same way again."""
+    """Retry stage failures (FAILED, TRANSIENT, BUSY, a container that did not start)
+    except bad input, which fails the same way again, and a stop that was asked for."""
+    if stopping():
+        return False
     try:
         state.result()
     except StageFailed as err:
-        return err.returncode != ExitCode.BAD_INPUT
-    except Exception:  # noqa: BLE001 - store/network/container start errors are worth a retry
+        return err.returncode not in NOT_RETRIED
+    except Exception:  # noqa: BLE001 - store/network errors of the task itself are worth a retry
         return True
     return False
 
 
 @task(
-    retries=2,
+    retries=2,  # back-off 5 then 10 s (a store restart, a busy output's writer finishing)
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_transient,
     cache_policy=NO_CACHE,
@@ -112,10 +123,19 @@ def run_stage(ctx: PipelineContext, label: str, call: StageCall) -> Result:
     logger = get_run_logger()
     store = open_store(call.out, ctx.cfg.store.endpoint_url)
     t0 = time.perf_counter()
-    if store.exists(RESULT_FILE):
-        logger.info(f"{label}: reusing {call.out}")
+    try:  # reused only when every file it recorded is intact; a damaged one is re-run
+        done = verified_result(store)
+    except IntegrityError as err:
+        if ctx.no_repair:
+            bad = ExitCode.BAD_INPUT  # not retried: it fails the same way
+            raise StageFailed(call.stage.value, bad, "", f"not reused: {err}") from None
+        logger.warning(f"{label}: {err}")
+        set_aside(store)
+        done = None
+    if done is not None:
+        logger.info(f"{label}: reusing {call.out} (its files match their recorded sha256)")
         ctx.record(label, 0.0, ran=False)
-        return {**store.read_json(RESULT_FILE), "cached": True}
+        return {**done.dump(), "cached": True}
     runner = make_runner(ctx.cfg.runner)
     stage = call.stage.value
     result = runner.run(
@@ -130,8 +150,10 @@ def run_stage(ctx: PipelineContext, label: str, call: StageCall) -> Result:
 
 
 def planned_stages(cfg: PipelineConfig) -> int:
-    """About how many stage calls a run makes (the progress bar's denominator)."""
-    return 2 + len(cfg.sources) + len(cfg.downstream) + len(cfg.task_types) + 2 * len(cfg.compare)
+    """About how many stage calls a run makes (the progress bar's denominator): the
+    ingests once, the rest once per seed."""
+    per_seed = 2 + len(cfg.task_types) + 2 * len(cfg.compare)
+    return len(cfg.sources) + len(cfg.downstream) + per_seed * len(cfg.run_seeds)
 
 
 class Plan:
@@ -162,6 +184,11 @@ class Plan:
         plan = Plan(ctx)
         plan.memo, plan.manifests, plan.versions = self.memo, self.manifests, self.versions
         return plan
+
+    def seeded(self, seed: int) -> Plan:
+        """The plan of one seed of a multi-seed run: the seed enters the cache keys of the
+        stages that read it (training, transfer: their call's ``reads``), not the ingests'."""
+        return self.derived(self.cfg.with_seed(seed))
 
     # cache keys and submission ---------------------------------------------------------
     def config_section(
@@ -222,7 +249,8 @@ class Plan:
     ) -> PrefectFuture:
         """Submit ``call(**fields)`` (once per output); its output folder is its cache key."""
         stage = call.stage.value
-        out = stage_out(self.ctx.store_uri, stage, stage_key(stage, section, inputs))
+        key = stage_key(stage, section, inputs, self.ctx.cfg.runner)
+        out = stage_out(self.ctx.store_uri, stage, key)
         if out not in self.memo:
             stage_call = call(
                 config=self.ctx.config_uri,
@@ -250,6 +278,11 @@ class Plan:
         results = {name: f.result() for name, f in futures.items()}
         self.manifests = {name: r["manifests"][name] for name, r in results.items()}
         self.versions = {name: r["versions"][name] for name, r in results.items()}
+        check_held_out_content(  # the same images in a downstream set and a training source
+            self.manifests_of(s.name for s in self.cfg.sources),
+            self.manifests_of(d.name for d in self.cfg.downstream),
+            self.cfg.store.endpoint_url,
+        )
         return self.versions
 
     def manifests_of(self, names: Iterable[str]) -> dict[str, str]:
@@ -289,6 +322,14 @@ class Plan:
     def expand_per_source(self) -> dict[str, Result]:
         """One backbone per source, trained on its first task alone, one after the other."""
         return {s.name: self.expand(s.resolved_tasks[0], s.name).result() for s in self.cfg.sources}
+
+    def experts(self) -> dict[str, Result]:
+        """X-Learner++'s single-source experts, one per source: trained as
+        :meth:`expand_per_source` but from their own seed (``seed + EXPERT_SEED_OFFSET``),
+        so an expert is a run of its own even where a task has one source (whose
+        sub-backbone would otherwise be the very same output)."""
+        offset = self.cfg.with_seed(self.cfg.seed + EXPERT_SEED_OFFSET)
+        return self.derived(offset).expand_per_source()
 
     def hard_sharing(
         self,
@@ -349,6 +390,7 @@ class Plan:
             label,
             method or self.cfg.squeeze.method,
             inputs,
+            external_hints=hints is not None,
             teacher=expanded["model"],
             hints={n: r["backbone"] for n, r in (hints or {}).items()},
         )
@@ -361,15 +403,28 @@ class Plan:
             label, "distill", inputs, sub_models={t: r["model"] for t, r in subs.items()}
         )
 
-    def _squeeze(self, label: str, method: str, inputs: Any, **fields: Any) -> Result:
+    def _squeeze(
+        self, label: str, method: str, inputs: Any, external_hints: bool = False, **fields: Any
+    ) -> Result:
+        """Submit a squeeze; ``squeeze.hints`` (and their weight) count for the X-Learner++
+        squeeze only (``external_hints``): the others are told there are none."""
+        section = self.config_section(SqueezeCall, method=method)
+        overrides = [f"squeeze.method={method}"]
+        if external_hints:
+            hint_files = {h.name: file_digest(h.path) for h in self.cfg.squeeze.hints}
+            inputs = {**inputs, "hint_files": hint_files}
+        else:
+            unused = ("hints", "hint_weight")
+            section["squeeze"] = {k: v for k, v in section["squeeze"].items() if k not in unused}
+            overrides.append("squeeze.hints=[]")
         student = file_digest(self.cfg.squeeze.student_pretrained_path)
         return self.submit(
             label,
             SqueezeCall,
-            self.config_section(SqueezeCall, method=method),
+            section,
             {**inputs, "student_pretrained": student},
             manifests=self.manifests_of(self.training_sources()),
-            overrides=[f"squeeze.method={method}"],
+            overrides=overrides,
             **fields,
         ).result()
 

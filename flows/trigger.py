@@ -9,6 +9,14 @@ deployment's config plus every source of the store it does not list yet, so the
 triggered run trains on the updated source list. ``xlearner sources add``
 (:func:`add_source`) ingests one source and emits the same event at once.
 
+Only declared sources are trusted (:func:`trusted_sources`): whoever can write to the
+store must not choose what the pipeline trains on (a foreign ``latest.json`` naming
+``source_uri: /root/.ssh``). A landed source is announced when the deployment's config
+lists it and its manifest names the configured ``uri``, or, for a source the config does
+not list, when its manifest's ``source_uri`` lies under one of the data roots that the
+operator set in the sensor's environment (``XLEARNER_DATA_ROOTS``, :mod:`flows.operator`);
+any other is reported (a warning) and ignored.
+
 Once per change:
 
 - a version is news until it was announced (recorded in
@@ -33,9 +41,10 @@ from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from flows.operator import DATA_ROOTS_ENV, data_roots, is_under
 from xlearner.config import ConfigError, PipelineConfig, validate_config
 from xlearner.contract import Stage
-from xlearner.store import ArtifactStore, open_store
+from xlearner.store import ArtifactStore, StoreError, open_store
 from xlearner.store_keys import (
     SOURCES,
     is_stage_result,
@@ -67,14 +76,58 @@ class Landed:
     manifest: str  # store URI of its manifest.json
 
 
-def latest_versions(store: ArtifactStore) -> dict[str, Landed]:
-    """The latest published version of every source in the store."""
+def latest_versions(store: ArtifactStore, warn: LogFn = logger.warning) -> dict[str, Landed]:
+    """The latest published version of every source in the store (malformed ones reported)."""
     landed = {}
     for key in store.list(SOURCES):
         if (name := parse_source_latest(key)) is not None:
             latest = store.read_json(key)
-            landed[name] = Landed(name, latest["version"], store.uri(latest["manifest"]))
+            if not (isinstance(latest, dict) and {"version", "manifest"} <= latest.keys()):
+                warn(f"{store.uri(key)} has no version and manifest: ignored")
+                continue
+            landed[name] = Landed(name, str(latest["version"]), store.uri(str(latest["manifest"])))
     return landed
+
+
+def trusted_sources(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    landed: dict[str, Landed],
+    roots: Iterable[str],
+    warn: LogFn = logger.warning,
+) -> dict[str, Landed]:
+    """The landed sources the sensor may announce; every other one is reported and dropped.
+
+    A listed source must name its configured ``uri`` in its manifest; an unlisted one must
+    have its ``source_uri`` under one of ``roots``.
+    """
+    listed = {s.name: s.uri for s in [*cfg.sources, *cfg.downstream]}
+    roots = list(roots)
+    trusted = {}
+    for name, version in sorted(landed.items()):
+        try:
+            source_uri = str(store.read_json(manifest_key(name, version.version))["source_uri"])
+        except (StoreError, KeyError, TypeError) as err:
+            warn(f"source {name} landed without a readable manifest ({err}): ignored")
+            continue
+        if name in listed and source_uri != listed[name]:
+            warn(
+                f"source {name} landed from {source_uri}, but config {cfg.name} reads it from "
+                f"{listed[name]}: ignored (not the declared source)"
+            )
+        elif name not in listed and not is_under(source_uri, roots):
+            why = (
+                f"that is not under the data roots {', '.join(roots)}"
+                if roots
+                else f"no data roots are set ({DATA_ROOTS_ENV})"
+            )
+            warn(
+                f"source {name} landed from {source_uri}: config {cfg.name} does not list it "
+                f"and {why}: ignored"
+            )
+        else:
+            trusted[name] = version
+    return trusted
 
 
 def ingested_versions(store: ArtifactStore) -> dict[str, set[str]]:
@@ -183,15 +236,19 @@ def announce(
     *,
     only: Iterable[str] | None = None,
     adopt_new_sources: bool = True,
+    source_roots: Iterable[str] | None = None,
     emit: Callable[[list[Any]], None] = emit_events,
     log: LogFn = logger.info,
+    warn: LogFn = logger.warning,
 ) -> list[Landed]:
-    """Emit one event per source version not announced or ingested yet; returns them.
+    """Emit one event per trusted source version not announced or ingested yet; returns them.
 
     ``only``: consider just these sources. ``adopt_new_sources=False``: sources the
     config does not list are ignored (logged) instead of joining the next run.
+    ``source_roots``: where unlisted sources may live (default: :func:`flows.operator.data_roots`).
     """
-    landed = latest_versions(store)
+    roots = data_roots() if source_roots is None else source_roots
+    landed = trusted_sources(cfg, store, latest_versions(store, warn), roots, warn)
     known = read_state(store, cfg.name)
     wanted = set(landed) if only is None else set(only)
     fresh = {n: v for n, v in landed.items() if n in wanted and v.version not in known.get(n, {})}
@@ -232,10 +289,13 @@ def deployment_config(deployment: str) -> PipelineConfig:
 @flow(name="xlearner-source-sensor", log_prints=True)
 def watch_sources(deployment: str, adopt_new_sources: bool = True) -> list[dict]:
     """Announce every source version that landed since the last scan (scheduled)."""
-    log = get_run_logger().info
+    logger = get_run_logger()
+    log = logger.info
     cfg = deployment_config(deployment)
     store = open_store(cfg.store.uri, cfg.store.endpoint_url)
-    announced = announce(cfg, store, adopt_new_sources=adopt_new_sources, log=log)
+    announced = announce(
+        cfg, store, adopt_new_sources=adopt_new_sources, log=log, warn=logger.warning
+    )
     if not announced:
         log(f"no new source versions under {store.uri(SOURCES)}")
     return [asdict(v) for v in announced]

@@ -43,9 +43,14 @@ RANDOM_BACKBONE = "random:"  # TransferCall.backbones value prefix: a randomly i
 
 
 class ExitCode(IntEnum):
+    """What a stage's exit status means, and whether the flow retries it (flows/plan.py)."""
+
     OK = 0
-    FAILED = 1  # anything else: a retry may help (store outage, OOM, a bug)
-    BAD_INPUT = 2  # the config or the inputs are wrong: a retry fails the same way
+    FAILED = 1  # anything else (OOM, a bug): retried, it may pass
+    BAD_INPUT = 2  # the config or the inputs are wrong: never retried, it fails the same way
+    BUSY = 3  # another live stage holds the output's lease (xlearner.lease): retried later
+    TRANSIENT = 75  # infrastructure, for now (store unreachable or throttled): retried, backing off
+    STOPPED = 143  # stopped by SIGTERM/SIGINT after saving a checkpoint: not retried
 
 
 class Stage(StrEnum):

@@ -8,7 +8,8 @@ one optimiser step (after ``grad_accum_steps`` micro-batches).
 
 Batches are a pure function of (seed, stream, step): resuming at step N needs no
 sampler state beyond N, so a stage killed after a checkpoint and restarted with the same
-arguments continues exactly where it was. Augmentation follows the epoch: every sample is
+arguments continues exactly where it was; a stop signal (:mod:`xlearner.stop`) ends the
+loop after the current step, with a checkpoint. Augmentation follows the epoch: every sample is
 loaded as ``(epoch, index)``, and a dataset with ``set_epoch(epoch, seed=...)`` gets it
 before the sample is read, in whichever worker reads it. On CUDA it uses bf16 autocast
 and channels_last, worker processes with pinned memory and, with ``engine.decode: gpu``,
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from xlearner import distributed
+from xlearner import distributed, stop
 from xlearner.checkpoint import Checkpointer
 from xlearner.config import EngineConfig, TrainConfig
 from xlearner.data.decode import EncodedBatch, decode_batch
@@ -271,23 +272,28 @@ class Trainer:
         window = LossWindow(self.device)
         every = self.engine.log_every_steps
         self.model.train()
-        for step in range(start + 1, self.cfg.steps + 1):
-            losses, images = self._step(step, loaders, schedule, micro)
-            window.add(step, losses)
-            progress.update(step, images)
-            last = step == self.cfg.steps
-            checkpoint = self.checkpointer is not None and (
-                step % self.engine.checkpoint_every_steps == 0 or last
-            )
-            logged = step % every == 0 or last
-            if self.fail_fast or logged or checkpoint:  # the same steps on every rank
-                window.check(self.name)  # never log or checkpoint a diverged model
-            if logged:
-                self._log(step, window.read(), progress)
-            if checkpoint and distributed.rank() == 0:
-                self.checkpointer.save(
-                    step, self.model, self.optimizer, self.scheduler, {"name": self.name}
+        with stop.safe_points():  # a stop signal ends the loop after a step, checkpointed
+            for step in range(start + 1, self.cfg.steps + 1):
+                losses, images = self._step(step, loaders, schedule, micro)
+                window.add(step, losses)
+                progress.update(step, images)
+                last = step == self.cfg.steps
+                stopping = stop.requested()
+                checkpoint = self.checkpointer is not None and (
+                    step % self.engine.checkpoint_every_steps == 0 or last or stopping
                 )
+                logged = step % every == 0 or last
+                if self.fail_fast or logged or checkpoint:  # the same steps on every rank
+                    window.check(self.name)  # never log or checkpoint a diverged model
+                if logged:
+                    self._log(step, window.read(), progress)
+                if checkpoint and distributed.rank() == 0:
+                    self.checkpointer.save(
+                        step, self.model, self.optimizer, self.scheduler, {"name": self.name}
+                    )
+                if stopping:
+                    log.warning(f"[{self.name}] stop requested: checkpointed step {step}")
+                    stop.check()
         return start
 
     def _log(self, step: int, losses: dict[str, float], progress: Progress) -> None:

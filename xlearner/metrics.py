@@ -125,13 +125,98 @@ class MeanIoU(MetricAccumulator):
         }
 
 
+VOC_IOU = 0.5
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of ``boxes`` (continuous pixels: no VOC ``+ 1``)."""
+    width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    height = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = width * height
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, np.finfo(np.float64).eps)
+
+
+def voc_average_precision(recall: np.ndarray, precision: np.ndarray, eleven_point: bool) -> float:
+    """The VOC devkit's AP: the area under the precision envelope (VOC2010+), or the
+    mean of the best precision at recall >= 0, 0.1, ..., 1 (VOC2007's 11 points)."""
+    if eleven_point:
+        return float(
+            np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)])
+        )
+    recall = np.r_[0.0, recall, 1.0]
+    envelope = np.maximum.accumulate(np.r_[0.0, precision, 0.0][::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * envelope[steps + 1]))
+
+
+def voc_ap50(
+    images: Sequence[Mapping[str, np.ndarray]],
+    detections: Sequence[Mapping[str, np.ndarray]],
+    num_classes: int,
+    eleven_point: bool = False,
+) -> float:
+    """PASCAL VOC AP at IoU 0.5, averaged over the classes with a non-difficult box.
+
+    Per class, detections in score order match the unmatched ground-truth box of their
+    image they overlap most when IoU > 0.5 (the devkit's strict ``>``): a true positive;
+    a second match of a box, or IoU <= 0.5, a false positive. A detection whose best box
+    is ``difficult`` counts as neither, and difficult boxes are not among the positives.
+    ``images``: ``boxes``, ``labels`` and optionally ``difficult`` per image;
+    ``detections``: ``boxes``, ``scores``, ``labels``. Returns 0 with no positive at all.
+    """
+    per_class = []
+    for c in range(num_classes):
+        truth, positives = {}, 0
+        for i, image in enumerate(images):
+            keep = np.asarray(image["labels"]) == c
+            hard = np.asarray(image.get("difficult", np.zeros(len(keep), bool)), bool)[keep]
+            truth[i] = (
+                np.asarray(image["boxes"], np.float64)[keep],
+                hard,
+                np.zeros(len(hard), bool),
+            )
+            positives += int((~hard).sum())
+        if positives == 0:
+            continue
+        found = [
+            (float(score), i, np.asarray(box, np.float64))
+            for i, det in enumerate(detections)
+            for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True)
+            if int(label) == c
+        ]
+        found.sort(key=lambda d: -d[0])  # stable: ties keep image order
+        hits = np.zeros(len(found))
+        misses = np.zeros(len(found))
+        for k, (_, i, box) in enumerate(found):
+            boxes, hard, matched = truth[i]
+            overlaps = _iou(box, boxes) if len(boxes) else np.zeros(0)
+            best = int(np.argmax(overlaps)) if len(overlaps) else -1
+            if best < 0 or overlaps[best] <= VOC_IOU:
+                misses[k] = 1
+            elif hard[best]:
+                continue
+            elif matched[best]:
+                misses[k] = 1
+            else:
+                hits[k], matched[best] = 1, True
+        tp, fp = np.cumsum(hits), np.cumsum(misses)
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        per_class.append(voc_average_precision(tp / positives, precision, eleven_point))
+    return float(np.mean(per_class)) if per_class else 0.0
+
+
 class DetectionMAP(MetricAccumulator):
-    """Detection: COCO mAP@[.5:.95], mAP50 and mAP75 by pycocotools, built in memory.
+    """Detection: COCO mAP@[.5:.95], mAP50 and mAP75 by pycocotools, built in memory, and
+    the PASCAL VOC AP50 (:func:`voc_ap50`): ``voc_ap50`` (area under the curve, VOC2010+)
+    and ``voc07_ap50`` (VOC2007's 11 points).
 
     ``predictions`` and ``targets`` are lists (one per image) of dicts: predictions with
-    ``boxes`` (xyxy pixels), ``scores``, ``labels``; targets with ``boxes`` and ``labels``.
-    Images without ground truth still count (their detections are false positives).
-    With no ground-truth box at all the metrics are 0.
+    ``boxes`` (xyxy pixels), ``scores``, ``labels``; targets with ``boxes``, ``labels``
+    and optionally ``difficult`` (bool; the VOC AP50 leaves those boxes out, COCO mAP
+    counts them as any box). Images without ground truth still count (their detections
+    are false positives). With no ground-truth box at all the metrics are 0.
     """
 
     primary = "mAP"
@@ -147,17 +232,21 @@ class DetectionMAP(MetricAccumulator):
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
         for pred, target in zip(predictions, targets, strict=True):
-            self.images.append(_numpy(target, ("boxes", "labels")))
+            self.images.append(_numpy(target, tuple(k for k in TARGET_KEYS if k in target)))
             self.detections.append(_numpy(pred, ("boxes", "scores", "labels")))
 
     def compute(self) -> dict[str, float]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
+        voc = {
+            "voc_ap50": voc_ap50(self.images, self.detections, self.num_classes),
+            "voc07_ap50": voc_ap50(self.images, self.detections, self.num_classes, True),
+        }
         zero = {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0}
         ground_truth, results = self._coco_records()
         if not ground_truth["annotations"] or not results:
-            return zero
+            return zero | voc
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco_gt = COCO()
             coco_gt.dataset = ground_truth
@@ -167,7 +256,7 @@ class DetectionMAP(MetricAccumulator):
             evaluator.accumulate()
             evaluator.summarize()
         stats = [max(0.0, float(s)) for s in evaluator.stats[:3]]  # -1 = undefined
-        return dict(zip(zero, stats, strict=True))
+        return dict(zip(zero, stats, strict=True)) | voc
 
     def _coco_records(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """COCO ids start at 1: COCOeval treats id 0 as "unmatched"."""
@@ -201,6 +290,9 @@ class DetectionMAP(MetricAccumulator):
                 )
         categories = [{"id": c} for c in range(self.num_classes)]
         return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+TARGET_KEYS = ("boxes", "labels", "difficult")
 
 
 def _numpy(record: Mapping[str, Tensor], keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ every rank trains and rank 0 publishes.
 
 from __future__ import annotations
 
+import logging
 import resource
 import tempfile
 from pathlib import Path
@@ -19,11 +20,21 @@ from xlearner import distributed
 from xlearner.checkpoint import Checkpointer
 from xlearner.config import PipelineConfig
 from xlearner.contract import StageResult
+from xlearner.integrity import (
+    IntegrityError,
+    recorded_files,
+    set_aside,
+    verified_result,
+    verify_copy,
+    verify_folder,
+)
 from xlearner.models.backbone import count_parameters, save_backbone
 from xlearner.models.multitask import save_model
 from xlearner.store import ArtifactStore, open_store
 from xlearner.store_keys import CHECKPOINTS, RESULT
 from xlearner.streams import Trained
+
+log = logging.getLogger(__name__)
 
 
 class StageOutput:
@@ -37,10 +48,15 @@ class StageOutput:
         self.files: dict[str, str] = {}
 
     def done(self) -> StageResult | None:
-        """The published result, when the stage already ran to the end here."""
-        if not self.store.exists(RESULT):
+        """The published result, when the stage already ran to the end here and every file
+        it lists is intact; a damaged output is named, set aside, and counts as not done."""
+        try:
+            return verified_result(self.store)
+        except IntegrityError as err:
+            log.warning(f"{err}")
+            if distributed.is_main_process():  # under DDP every rank checks, rank 0 moves
+                set_aside(self.store)
             return None
-        return StageResult.model_validate(self.store.read_json(RESULT))
 
     def checkpointer(self) -> Checkpointer:
         return Checkpointer(self.store, CHECKPOINTS)
@@ -80,14 +96,16 @@ class StageOutput:
         self._tmp.cleanup()
 
 
-def fetch_dir(uri: str) -> Path:
-    """A local folder with the artifacts under ``uri`` (downloaded once, when remote)."""
+def fetch_dir(uri: str, endpoint_url: str | None = None) -> Path:
+    """A local folder with the artifacts under ``uri`` (downloaded once, when remote),
+    checked against the hashes its stage recorded (an :class:`IntegrityError` if not)."""
     if "://" not in uri:
         path = Path(uri)
         if not path.is_dir():
             raise FileNotFoundError(f"{uri} is not a folder of published artifacts")
+        verify_folder(path)
         return path
-    store = open_store(uri)
+    store = open_store(uri, endpoint_url)
     keys = store.list()
     if not keys:
         raise FileNotFoundError(f"{uri} has no published artifacts")
@@ -95,6 +113,7 @@ def fetch_dir(uri: str) -> Path:
     for k in keys:
         (dest / k).parent.mkdir(parents=True, exist_ok=True)
         store.download_file(k, dest / k)
+    verify_copy(dest, *recorded_files(uri, endpoint_url), uri)  # what came, as recorded
     return dest
 
 

@@ -1,17 +1,24 @@
 """The artifact store: one interface over a local folder and S3.
 
-Every write is an atomic publish: the bytes go to a temporary key first and are moved
-(local) or copied (S3) into place, so a reader never sees a half-written artifact. Every
-write returns the sha256 of what was published; on S3 it is also kept as object
-metadata (``x-amz-meta-sha256``).
+Every write is an atomic publish, so a reader never sees a half-written artifact: a
+local file is written to a temporary sibling and renamed into place; an S3 object is
+one PUT, or one multipart upload, to its final key (S3 makes an object visible only
+when its PUT or its multipart upload completes). Every write returns the sha256 of what
+was published; on S3 it is also kept as object metadata (``x-amz-meta-sha256``).
 
-URIs: ``s3://bucket/prefix/key`` or a local path (``/abs/path`` or ``rel/path``).
+URIs: ``s3://bucket/prefix/key`` or a local path (``/abs/path`` or ``rel/path``). The S3
+endpoint is resolved in one place, :func:`resolve_endpoint_url`: the caller's (the config's
+``store.endpoint_url``), else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else
+AWS. A process that has no config at hand (a stage reading its config from the store)
+gets the config's endpoint through its environment: :func:`endpoint_environment`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -22,6 +29,8 @@ from typing import Any
 
 CHUNK = 8 * 1024 * 1024
 TMP_MARK = ".tmp-"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable, read for S3 clients only
+DELETE_BATCH = 1000  # the most keys one S3 DeleteObjects request takes
 
 
 class StoreError(RuntimeError):
@@ -30,6 +39,18 @@ class StoreError(RuntimeError):
 
 class ArtifactNotFound(StoreError, FileNotFoundError):
     pass
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or refused for now (connection, timeout, 5xx,
+    throttling): the same call may well succeed later, unlike a wrong URI or key."""
+
+
+# S3 error codes that say "not now" rather than "not like this"
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+     "InternalError", "500", "502", "503", "504"}
+)  # fmt: skip
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -114,8 +135,13 @@ class ArtifactStore(ABC):
         cache = Path(cache_dir or default_cache_dir())
         name = sha256 or hashlib.sha256(self.uri(key).encode()).hexdigest()
         target = cache / name[:2] / f"{name}{Path(key).suffix}"
-        if sha256 and target.exists():
-            return target
+        if sha256 and target.exists():  # a cache hit is re-hashed: the cache is not trusted
+            if sha256_file(target) == sha256:
+                return target
+            logging.getLogger(__name__).warning(
+                f"{target}: cached copy of {self.uri(key)} does not match its sha256 "
+                f"{sha256}; downloading it again"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
 
         def download_and_check(tmp: Path) -> None:
@@ -154,7 +180,6 @@ class LocalStore(ArtifactStore):
 
     def _publish(self, key: str, write) -> str:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
         digest = ""
 
         def write_and_hash(tmp: Path) -> None:
@@ -162,7 +187,16 @@ class LocalStore(ArtifactStore):
             write(tmp)
             digest = sha256_file(tmp)
 
-        atomic_write(target, write_and_hash)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, write_and_hash)
+        except OSError as err:
+            if not (isinstance(err, PermissionError) or err.errno == errno.EROFS):
+                raise
+            raise StoreError(
+                f"store folder {self.root} is not writable ({err.strerror}: {err.filename}); "
+                "fix its permissions or set store.uri to a folder this user can write"
+            ) from None
         return digest
 
     def write_bytes(self, key: str, data: bytes) -> str:
@@ -210,11 +244,7 @@ class S3Store(ArtifactStore):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.endpoint_url = (
-            endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        self.endpoint_url = resolve_endpoint_url(endpoint_url)
         self.root_uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = boto3.client(
             "s3",
@@ -232,9 +262,15 @@ class S3Store(ArtifactStore):
         return join(self.prefix, key)
 
     def _error(self, err: Exception, key: str) -> StoreError:
-        from botocore.exceptions import ClientError, NoCredentialsError
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as S3ConnectionError
 
         uri = self.uri(key)
+        if isinstance(err, S3ConnectionError | HTTPClientError):
+            return StoreUnavailable(
+                f"{uri}: cannot reach the S3 endpoint {self.endpoint_url or 'AWS'} "
+                f"({type(err).__name__}); is the server up?"
+            )
         if isinstance(err, NoCredentialsError):
             return StoreError(
                 f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -250,6 +286,8 @@ class S3Store(ArtifactStore):
                 return ArtifactNotFound(f"{uri} does not exist")
             if code == "NoSuchBucket":
                 return StoreError(f"{uri}: bucket {self.bucket!r} does not exist; create it first")
+            if code in TRANSIENT_S3_CODES:
+                return StoreUnavailable(f"{uri}: S3 answered {code}; try again later")
         return StoreError(f"{uri}: {type(err).__name__}: {err}")
 
     def exists(self, key: str) -> bool:
@@ -268,42 +306,31 @@ class S3Store(ArtifactStore):
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
 
-    def _publish_tmp(self, key: str, tmp_key: str, digest: str) -> str:
-        """Copy the fully written temporary object into place, then drop it."""
+    def write_bytes(self, key: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
         try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": tmp_key},
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}
+            )
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        return digest
+
+    def upload_file(self, key: str, path: str | Path) -> str:
+        """One PUT below the multipart threshold, else a multipart upload that boto3 aborts
+        on failure: either way the object appears whole or not at all."""
+        digest = sha256_file(path)
+        try:
+            self.client.upload_file(
+                str(path),
                 self.bucket,
                 self._key(key),
-                ExtraArgs={"Metadata": {"sha256": digest}, "MetadataDirective": "REPLACE"},
+                ExtraArgs={"Metadata": {"sha256": digest}},
                 Config=self.transfer,
             )
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
-        finally:
-            self.client.delete_object(Bucket=self.bucket, Key=tmp_key)
         return digest
-
-    def _tmp_key(self, key: str) -> str:
-        return self._key(join(".tmp", f"{uuid.uuid4().hex}-{Path(key).name}"))
-
-    def write_bytes(self, key: str, data: bytes) -> str:
-        digest = sha256_bytes(data)
-        tmp_key = self._tmp_key(key)
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data)
-        except Exception as err:  # noqa: BLE001
-            raise self._error(err, key) from None
-        return self._publish_tmp(key, tmp_key, digest)
-
-    def upload_file(self, key: str, path: str | Path) -> str:
-        digest = sha256_file(path)
-        tmp_key = self._tmp_key(key)
-        try:
-            self.client.upload_file(str(path), self.bucket, tmp_key, Config=self.transfer)
-        except Exception as err:  # noqa: BLE001
-            raise self._error(err, key) from None
-        return self._publish_tmp(key, tmp_key, digest)
 
     def download_file(self, key: str, path: str | Path) -> None:
         try:
@@ -318,7 +345,7 @@ class S3Store(ArtifactStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"]
-                    if not rel.startswith(".tmp/"):
+                    if not rel.startswith(".tmp/"):  # left by earlier versions' publishes
                         yield rel
         except Exception as err:  # noqa: BLE001
             raise self._error(err, prefix) from None
@@ -347,6 +374,36 @@ class S3Store(ArtifactStore):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
+
+    def delete_prefix(self, prefix: str) -> None:
+        """One DeleteObjects request per :data:`DELETE_BATCH` keys."""
+        keys = [self._key(key) for key in self.iter_keys(prefix)]
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except Exception as err:  # noqa: BLE001
+                raise self._error(err, prefix) from None
+            if errors := response.get("Errors"):
+                first = errors[0]
+                raise StoreError(
+                    f"{self.uri(prefix)}: {len(errors)} keys were not deleted, e.g. "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
+                )
+
+
+def resolve_endpoint_url(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint to use: ``endpoint_url`` (the config's), else the environment's, else
+    None (AWS)."""
+    return endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def endpoint_environment(endpoint_url: str | None) -> dict[str, str]:
+    """The variables that make every :func:`open_store` of a child process (a stage) use
+    ``endpoint_url``, the config's ``store.endpoint_url``; none when it is unset."""
+    return {ENDPOINT_ENV: endpoint_url} if endpoint_url else {}
 
 
 def is_s3(uri: str) -> bool:

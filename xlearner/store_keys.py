@@ -9,6 +9,7 @@ runs/<stage>/<cache key>/...                stage outputs
 runs/<stage>/<cache key>/result.json        written last: its presence = stage done
 runs/<stage>/<cache key>/checkpoints/       engine checkpoints (resume)
 sensor/<config name>/announced.json         source versions the sensor announced
+results/<config name>/latest.json           the last run's transfer outputs per seed
 ```
 """
 
@@ -19,6 +20,7 @@ from xlearner.store import join
 SOURCES = "sources"
 RUNS = "runs"
 SENSOR = "sensor"
+RESULTS = "results"
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 RESULT = "result.json"  # a stage output's commit marker, written last
@@ -64,3 +66,8 @@ def config_key(digest: str) -> str:
 
 def sensor_state(config_name: str) -> str:
     return join(SENSOR, config_name, "announced.json")
+
+
+def results_latest(config_name: str) -> str:
+    """The pointer to a config's last run: its transfer outputs per seed (``xlearner report``)."""
+    return join(RESULTS, config_name, LATEST)

@@ -17,6 +17,24 @@ class SourceFormat(StrEnum):
     det = "det"
     seg = "seg"
     unlabeled = "unlabeled"
+    # Layouts of public data sets, ingested as the label format of LAYOUT_LABELS:
+    voc_det = "voc_det"  # PASCAL VOC detection (Annotations/*.xml)
+    voc_seg = "voc_seg"  # PASCAL VOC segmentation (SegmentationClass/*.png)
+    csv_cls = "csv_cls"  # a file,label list over an image folder (iNat, Places)
+
+
+LAYOUT_LABELS = {
+    SourceFormat.voc_det: SourceFormat.det,
+    SourceFormat.voc_seg: SourceFormat.seg,
+    SourceFormat.csv_cls: SourceFormat.cls,
+}
+"""A data set's own layout -> the label format its records, shards and heads use."""
+
+
+def label_format(format: SourceFormat | str) -> SourceFormat:
+    """The label format of a source format (itself, or what its layout is ingested as)."""
+    format = SourceFormat(format)
+    return LAYOUT_LABELS.get(format, format)
 
 
 class TaskType(StrEnum):
@@ -38,6 +56,9 @@ LABEL_TASK_OF_FORMAT = {
     SourceFormat.multilabel: TaskType.multilabel,
     SourceFormat.det: TaskType.det,
     SourceFormat.seg: TaskType.seg,
+    SourceFormat.voc_det: TaskType.det,
+    SourceFormat.voc_seg: TaskType.seg,
+    SourceFormat.csv_cls: TaskType.cls,
 }
 """The supervised task a source's labels feed (an unlabeled source has none)."""
 

@@ -1,9 +1,11 @@
 """Thin MLflow helpers: one parent run per pipeline run, one nested run per stage.
 
 Stages run in other processes (or containers): the pipeline creates the parent run and
-passes its id, each stage opens a child with ``parent_run_id``. Names are the same in
-every run (``train/loss``, ``val/<source>.<task>/<metric>``, ``transfer/avg_cls``) so the
-MLflow compare view lines runs up. Nothing that looks like a secret is ever logged.
+passes its id, each stage opens a child with ``parent_run_id`` (with MLflow's system
+metrics). Every metric is ``<group>/<name>``, the same in every run, so the MLflow compare
+view lines runs up: ``train/loss``, ``train/lr``, ``val/<source>.<task>/<metric>``,
+``reconcile/gamma_parameters``, ``squeeze/<key>``, ``transfer/avg_cls`` (docs/deploy.md,
+"MLflow"). Nothing that looks like a secret is ever logged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xlearner.config import TrackingConfig
-from xlearner.secrets import is_secret_name
+from xlearner.secrets import is_secret_name, loggable, redact
 
 log = logging.getLogger("xlearner.tracking")
 
@@ -70,15 +72,28 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     else:
         key = prefix.rstrip(".")
         if not is_secret_name(key):
-            out[key] = str(data)[:500]
+            out[key] = redact(str(data))[:500]
     return out
 
 
-class StageTracker:
-    """Logs a stage's params, metrics and artifacts to its MLflow run (or nowhere)."""
+def metric_name(name: str, group: str, step: int | None) -> str:
+    """``name`` as ``<group>/<name>``: an ungrouped value logged per step is a training
+    curve (``lr`` -> ``train/lr``), any other one belongs to the stage (``squeeze/...``)."""
+    if "/" in name:
+        return metric_key(name)
+    return metric_key(f"{'train' if step is not None else group}/{name}")
 
-    def __init__(self, run_id: str | None):
+
+class StageTracker:
+    """Logs a stage's params, metrics and artifacts to its MLflow run (or nowhere).
+
+    ``group``: the stage kind (``expand``, ``squeeze``, ...), the group of its ungrouped
+    metric names (:func:`metric_name`).
+    """
+
+    def __init__(self, run_id: str | None, group: str = "stage"):
         self.run_id = run_id
+        self.group = group
 
     @property
     def active(self) -> bool:
@@ -94,7 +109,9 @@ class StageTracker:
         if self.active:
             import mlflow
 
-            mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+            mlflow.log_metrics(
+                {metric_name(k, self.group, step): float(v) for k, v in metrics.items()}, step=step
+            )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active:
@@ -106,14 +123,18 @@ class StageTracker:
         if self.active:
             import mlflow
 
-            mlflow.set_tags({k: v for k, v in tags.items() if not is_secret_name(k)})
+            mlflow.set_tags(loggable(tags))
 
 
 @contextlib.contextmanager
 def stage_run(
     cfg: TrackingConfig, parent_run_id: str | None, stage: str, tags: dict[str, str] | None = None
 ) -> Iterator[StageTracker]:
-    """A nested MLflow run under ``parent_run_id``; without a parent, tracking is off."""
+    """A nested MLflow run under ``parent_run_id``; without a parent, tracking is off.
+
+    Every tracked stage trains (or probes) a model: its run records CPU, memory and GPU
+    use (MLflow system metrics, ``system/...``).
+    """
     if not parent_run_id:
         yield StageTracker(None)
         return
@@ -122,9 +143,12 @@ def stage_run(
     os.environ.pop("MLFLOW_RUN_ID", None)  # an exported run id would override parent_run_id
     configure(cfg)
     with mlflow.start_run(
-        run_name=stage, parent_run_id=parent_run_id, tags={"xlearner.stage": stage, **(tags or {})}
+        run_name=stage,
+        parent_run_id=parent_run_id,
+        tags={"xlearner.stage": stage, **(tags or {})},
+        log_system_metrics=True,
     ) as run:
-        yield StageTracker(run.info.run_id)
+        yield StageTracker(run.info.run_id, group=stage.split("-")[0])
 
 
 def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
@@ -143,9 +167,7 @@ def pipeline_run(
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     configure(cfg)
-    with mlflow.start_run(
-        run_name=name, tags={k: v for k, v in tags.items() if not is_secret_name(k)}
-    ) as run:
+    with mlflow.start_run(run_name=name, tags=loggable(tags)) as run:
         flat = {metric_key(k): v for k, v in flatten(params).items()}
         items = sorted(flat.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -153,8 +175,39 @@ def pipeline_run(
         yield run.info.run_id
 
 
-def register_backbone(cfg: TrackingConfig, backbone_dir: str | Path, avg_cls: float) -> dict:
+# What the shipped code (``code_paths``: xlearner) imports to load and run a backbone.
+MODEL_PACKAGES = ("torch", "torchvision", "safetensors", "numpy", "pydantic", "pillow", "tqdm")
+
+
+def model_requirements() -> list[str]:
+    """``MODEL_PACKAGES`` pinned to the versions installed here, without local labels
+    (``2.14.1+cpu`` -> ``2.14.1``: the same release from any index)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]
+
+
+def log_source_inputs(manifests: dict[str, str], versions: dict[str, str], context: str) -> None:
+    """Each source's manifest (NAME -> URI) as an MLflow dataset input of the active run,
+    its digest the manifest's content hash (``version``), its context ``training`` for
+    the training sources, ``evaluation`` for the downstream sets."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for name, uri in sorted(manifests.items()):
+        dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=versions[name])
+        mlflow.log_input(dataset, context=context)
+
+
+def register_backbone(
+    cfg: TrackingConfig, backbone_dir: str | Path, avg_cls: float, image_size: int
+) -> dict:
     """Log the backbone as a pyfunc model in the active run and register a version of it.
+
+    The model carries its code (the ``xlearner`` package), pinned requirements, a
+    signature and an ``image_size`` input example: ``mlflow.pyfunc.load_model`` works in
+    any environment that installs those requirements.
 
     The alias ``champion`` moves to the new version only if its AVG Cls beats the
     current champion's.
@@ -162,12 +215,17 @@ def register_backbone(cfg: TrackingConfig, backbone_dir: str | Path, avg_cls: fl
     import mlflow
     from mlflow import MlflowClient
 
-    code = Path(__file__).parent / "serving" / "backbone_model.py"
+    from xlearner.serving.features import MODEL_CODE, input_example, model_signature
+
+    example = input_example(image_size)
     info = mlflow.pyfunc.log_model(
         name="backbone",
-        python_model=str(code),
+        python_model=str(MODEL_CODE),
         artifacts={"backbone": str(backbone_dir)},
-        pip_requirements=["xlearner"],
+        code_paths=[str(Path(__file__).parent)],  # the xlearner package: load_backbone
+        pip_requirements=model_requirements(),
+        signature=model_signature(backbone_dir, example),
+        input_example=example,
         registered_model_name=cfg.register_model,
     )
     client = MlflowClient()

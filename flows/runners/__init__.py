@@ -13,7 +13,15 @@ tests drive them directly.
 
 from __future__ import annotations
 
-from flows.runners.base import ChildProcess, StageFailed, StageRun, StageRunner, stage_command
+from flows.runners.base import (
+    ChildProcess,
+    StageFailed,
+    StageRun,
+    StageRunner,
+    stage_command,
+    stop_all,
+    stopping,
+)
 from flows.runners.docker import STAGE_LABEL, DockerRunner
 from flows.runners.process import ProcessRunner
 from xlearner.config import RunnerConfig
@@ -28,10 +36,12 @@ __all__ = [
     "StageRunner",
     "make_runner",
     "stage_command",
+    "stop_all",
+    "stopping",
 ]
 
 
 def make_runner(runner_config: RunnerConfig) -> ProcessRunner | DockerRunner:
     if runner_config.kind == "docker":
-        return DockerRunner(runner_config.docker, user=runner_config.docker.user)
+        return DockerRunner(runner_config.docker)
     return ProcessRunner(warm_start=runner_config.warm_start)

@@ -6,7 +6,9 @@ and exits non-zero on failure. :meth:`StageRunner.run_command` starts it (the ru
 kind says how: :meth:`StageRunner.start` returns a :class:`ChildProcess`), streams its
 output line by line to a ``log`` callback as it comes, secrets masked, enforces a
 timeout, stops it on cancellation (any ``BaseException``: Ctrl-C, Prefect's termination
-signal) and raises :class:`StageFailed` with the tail of the log.
+signal) and raises :class:`StageFailed` with the tail of the log. :func:`stop_all` stops
+every stage running in this process and starts no new one (``xlearner run`` on SIGINT or
+SIGTERM); a runner that cannot start a stage fails it as ``ExitCode.TRANSIENT``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from xlearner.contract import RESULT_PREFIX
+from xlearner.contract import RESULT_PREFIX, ExitCode
 from xlearner.secrets import redact, secret_values
 
 LOG_TAIL_LINES = 50
@@ -58,6 +60,44 @@ class StageFailed(RuntimeError):
 
     def __reduce__(self):  # picklable (Prefect persists task exceptions)
         return type(self), (self.stage, self.returncode, self.log_tail, self.reason)
+
+
+class _Running:
+    """The stages this process supervises now, and whether it is stopping them all."""
+
+    def __init__(self) -> None:
+        self.children: set[ChildProcess] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def add(self, child: ChildProcess) -> None:
+        with self.lock:
+            self.children.add(child)
+
+    def discard(self, child: ChildProcess) -> None:
+        with self.lock:
+            self.children.discard(child)
+
+
+_running = _Running()
+
+
+def stopping() -> bool:
+    """Whether :func:`stop_all` was called: no stage starts, none is retried."""
+    return _running.stopping.is_set()
+
+
+def stop_all() -> None:
+    """Stop every stage this process runs (each its runner's way: SIGTERM, a grace period
+    to checkpoint, SIGKILL) and start no new one; returns once they all ended."""
+    _running.stopping.set()
+    with _running.lock:
+        children = list(_running.children)
+    stoppers = [threading.Thread(target=child.stop, name="stage-stop") for child in children]
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()
 
 
 def stage_command(stage: str, args: list[str], python: str = "python") -> list[str]:
@@ -215,7 +255,15 @@ class StageRunner:
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
-        child = self.start(command, stage=stage, env=env)
+        if stopping():
+            raise StageFailed(stage, ExitCode.STOPPED, "", "was not started: the run is stopping")
+        try:
+            child = self.start(command, stage=stage, env=env)
+        except Exception as err:  # noqa: BLE001 - a container or a fork that did not start
+            code = ExitCode.BAD_INPUT if isinstance(err, ValueError) else ExitCode.TRANSIENT
+            reason = f"could not be started: {type(err).__name__}: {err}"
+            raise StageFailed(stage, code, "", redact(reason, secret_values(env or {}))) from None
+        _running.add(child)
         # From its start on: a warm-started stage's first fork may wait for the preloads.
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
@@ -233,7 +281,10 @@ class StageRunner:
                 child.stop()
             raise
         finally:
+            _running.discard(child)
             child.close()
+        if returncode != 0 and stopping():
+            raise collector.failed(ExitCode.STOPPED, f"was stopped (exit code {returncode})")
         if returncode != 0 and reason:
             raise collector.failed(returncode, f"failed with exit code {returncode} ({reason})")
         return collector.finish(returncode, started)

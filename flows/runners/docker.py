@@ -9,11 +9,11 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from flows.operator import DATA_ROOTS_ENV, DockerSettings, data_roots, is_under
 from flows.runners.base import ChildProcess, StageRunner, logger, stage_environment
-from xlearner.config import DockerRunnerConfig
+from xlearner.config import ConfigError, DockerRunnerConfig
 
 STAGE_LABEL = "xlearner.stage"
-DEFAULT_CONTAINER_USER = "10001:10001"  # the `xlearner` user of docker/Dockerfile.stage
 
 
 def _lines_of(chunks: Iterable[bytes]) -> Iterator[str]:
@@ -26,6 +26,18 @@ def _lines_of(chunks: Iterable[bytes]) -> Iterator[str]:
             yield line.decode("utf-8", errors="replace")
     if buffer:
         yield buffer.decode("utf-8", errors="replace")
+
+
+def check_binds_under_roots(binds: list[str], roots: list[str] | None = None) -> None:
+    """Refuse a config's bind whose host folder is not under the operator's data roots
+    (default: :func:`flows.operator.data_roots`)."""
+    roots = data_roots() if roots is None else roots
+    if outside := [bind for bind in binds if not is_under(bind.split(":")[0], roots)]:
+        allowed = f"{DATA_ROOTS_ENV}={','.join(roots)}" if roots else f"{DATA_ROOTS_ENV} is unset"
+        raise ConfigError(
+            f"runner.docker.volumes: {', '.join(outside)} bind host folders outside the data "
+            f"roots that whoever runs the stack allows ({allowed}); bind a folder under them"
+        )
 
 
 class _Container:
@@ -76,12 +88,16 @@ class _Container:
 
 
 class DockerRunner(StageRunner):
-    """Runs each stage in a fresh container of ``config.image`` (removed afterwards).
+    """Runs each stage in a fresh container of the operator's image (removed afterwards).
 
-    The container gets only the variables named in ``config.env_passthrough`` (those set
-    in this process) plus the explicit ``env``; GPUs are requested per container with
-    ``device_requests`` when ``config.gpus`` is not 0. It runs as ``user`` (non-root by
-    default) with ``init`` (docker-init) as PID 1, so a stop's SIGTERM reaches the stage.
+    Two sources of settings: ``config``, the config's ``runner.docker`` (validated: a
+    non-root user, binds without the host's root or Docker socket, which must also lie
+    under ``data_roots``), and ``settings``, the operator's (:mod:`flows.operator`: image,
+    network, passed-through variables, extra binds; default: this process's environment).
+    The container gets only the variables named in ``settings.env_passthrough`` (those
+    set in this process) plus the explicit ``env``; GPUs are requested per container with
+    ``device_requests`` when ``config.gpus`` is not 0. It runs as ``config.user`` with
+    ``init`` (docker-init) as PID 1, so a stop's SIGTERM reaches the stage.
     ``create_options`` adds arguments of ``containers.create`` that the config does not
     have (``mem_limit``, ``cpu_quota``, ...). A call's timeout defaults to
     ``config.timeout_s``.
@@ -92,14 +108,16 @@ class DockerRunner(StageRunner):
         config: DockerRunnerConfig,
         client: Any = None,
         *,
-        user: str | None = DEFAULT_CONTAINER_USER,
+        settings: DockerSettings | None = None,
+        data_roots: list[str] | None = None,
         init: bool = True,
         stop_timeout_s: int = 10,
         create_options: Mapping[str, Any] | None = None,
     ):
         self.config = config
+        self.settings = settings or DockerSettings.from_env()
+        check_binds_under_roots(config.volumes, data_roots)
         self._client = client
-        self.user = user
         self.init = init
         self.stop_timeout_s = stop_timeout_s
         self.create_options = dict(create_options or {})
@@ -126,7 +144,7 @@ class DockerRunner(StageRunner):
 
     def environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
         passed = {
-            name: os.environ[name] for name in self.config.env_passthrough if name in os.environ
+            name: os.environ[name] for name in self.settings.env_passthrough if name in os.environ
         }
         return stage_environment(passed, env)
 
@@ -138,19 +156,18 @@ class DockerRunner(StageRunner):
 
         cfg = self.config
         kwargs: dict[str, Any] = dict(
-            image=cfg.image,
+            image=self.settings.image,
             command=command,
             name=f"xlearner-{re.sub(r'[^a-zA-Z0-9_.-]', '-', stage)}-{uuid.uuid4().hex[:8]}",
             environment=self.environment(env),
             labels={**cfg.labels, STAGE_LABEL: stage},
             shm_size=cfg.shm_size,
-            network_mode=cfg.network_mode,
-            volumes=list(cfg.volumes),
+            network_mode=self.settings.network_mode,
+            volumes=[*self.settings.volumes, *cfg.volumes],
+            user=cfg.user,
             init=self.init,
             **self.create_options,
         )
-        if self.user is not None:
-            kwargs["user"] = self.user
         if cfg.gpus != 0:
             kwargs["device_requests"] = [DeviceRequest(count=cfg.gpus, capabilities=[["gpu"]])]
         return kwargs
@@ -178,7 +195,7 @@ class DockerRunner(StageRunner):
             raise RuntimeError(
                 f"the stage image {kwargs['image']!r} is not on the Docker engine ({err}); build "
                 f"it with `docker build -f docker/Dockerfile.stage -t {kwargs['image']} .` or "
-                "set runner.docker.image"
+                "set XLEARNER_DOCKER_IMAGE in the worker's environment"
             ) from err
 
     def _start(self, container: Any, stage: str) -> None:

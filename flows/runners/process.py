@@ -1,7 +1,12 @@
-"""The process runner: a stage as a local child process in its own process group."""
+"""The process runner: a stage as a local child process in its own process group.
+
+A stage gets SIGTERM when the process that started it dies (:mod:`.parent_death`), so
+SIGKILL of ``xlearner run`` leaves no stage behind for longer than its stop grace.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -10,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from flows.runners.base import ChildProcess, StageRunner, stage_environment
+from flows.runners.parent_death import die_with_parent
 
 
 class LocalProcess(Protocol):
@@ -38,6 +44,8 @@ class _Subprocess:
             errors="replace",
             bufsize=1,
             start_new_session=True,  # its own process group: a kill reaches its children too
+            # SIGTERM when this (thread) dies; the thread waits for the stage while it runs
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
         self.pid = self._popen.pid
 

@@ -7,7 +7,9 @@ together: on the quick start that start-up was most of the orchestration overhea
 server instead: an interpreter started clean (exec'ed, so none of the flow's threads;
 it inherits the flow's ``sys.path``) that imports :data:`PRELOAD` once. Each stage is a
 fork of it that runs exactly what ``python -m stages.<name> ARGS`` runs, with its own
-environment, working folder, process group and output pipe.
+environment, working folder, process group and output pipe. The fork server exits when
+the flow's process does (multiprocessing's own "alive" pipe), and a stage when the fork
+server does (:mod:`.parent_death`): a killed flow leaves neither running.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
+
+from flows.runners.parent_death import die_with_parent
 
 PRELOAD = [
     "torch",
@@ -50,6 +54,14 @@ def _stage_main(
     module: str, args: list[str], env: dict[str, str], cwd: str, output: Connection
 ) -> None:
     """In the forked child: become ``python -m module args`` with ``env``, output to the pipe."""
+    die_with_parent(os.getppid())  # the fork server, which exits with the flow's process
+    # ... once no process holds its "alive" pipe: multiprocessing gives each fork the
+    # flow's end of it (to start forks of its own), which would keep the server, and so
+    # this stage, alive after the flow died. Stages start no forks from this server.
+    alive_fd = forkserver._forkserver._forkserver_alive_fd
+    if alive_fd is not None:
+        os.close(alive_fd)
+        forkserver._forkserver._forkserver_alive_fd = None
     os.setsid()  # its own process group, like start_new_session: a kill reaches its children
     os.dup2(output.fileno(), 1)
     os.dup2(output.fileno(), 2)

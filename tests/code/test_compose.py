@@ -113,7 +113,42 @@ def test_compose_file_resolves_with_the_example_env(resolved):
     assert "/var/run/docker.sock" in targets
 
 
-@pytest.mark.parametrize("missing", ["POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "DOCKER_GID"])
+def test_prefect_and_mlflow_require_the_credentials_of_the_env(resolved):
+    env = env_example()
+    services = resolved["services"]
+    server = services["prefect-server"]["environment"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == env["PREFECT_API_AUTH_STRING"]
+    worker = services["prefect-worker"]["environment"]
+    assert worker["PREFECT_API_AUTH_STRING"] == env["PREFECT_API_AUTH_STRING"]
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]
+    auth_ini = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    assert (REPO / "docker" / Path(auth_ini).name).is_file()
+    assert "COPY docker/mlflow-auth.ini " + auth_ini in (DOCKER / "Dockerfile.worker").read_text()
+
+
+def test_images_are_tagged_with_the_package_version(resolved):
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert env_example()["XLEARNER_VERSION"] == version
+    built = {s["image"] for s in resolved["services"].values() if "build" in s}
+    assert built == {f"xlearner-worker:{version}"}
+    assert not [s["image"] for s in resolved["services"].values() if s["image"].endswith(":latest")]
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "POSTGRES_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+        "DOCKER_GID",
+        "PREFECT_API_AUTH_STRING",
+        "MLFLOW_TRACKING_PASSWORD",
+        "XLEARNER_VERSION",
+    ],
+)
 def test_a_missing_secret_stops_compose_and_names_it(compose, tmp_path, missing):
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env_example().items() if k != missing))

@@ -8,6 +8,13 @@ import pytest
 from PIL import Image
 
 from xlearner.transfer.report import ReportRow, build_report, format_table, write_report
+from xlearner.transfer.results import (
+    format_claims,
+    format_differences,
+    format_means,
+    summarize,
+    write_results,
+)
 
 
 def rows() -> list[dict]:
@@ -140,3 +147,72 @@ def test_rows_may_be_report_row_models():
     assert build_report(typed) == build_report(rows())
     with pytest.raises(ValueError, match=r"seg\['voc'\] must be a percentage"):
         ReportRow(name="a", seg={"voc": -1.0})
+
+
+# results over seeds (xlearner/transfer/results.py) -------------------------------------
+def seed_report(xlearner: float, hard: float, random: float) -> dict:
+    return build_report(
+        [
+            {"name": "xlearner", "cls": {"a": xlearner, "b": xlearner + 2.0}, "parameters": 10},
+            {"name": "hard_sharing", "cls": {"a": hard, "b": hard + 2.0}, "parameters": 10},
+            {"name": "random_init", "cls": {"a": random, "b": random}, "train_images": 0},
+        ]
+    )
+
+
+SEED_REPORTS = {0: seed_report(55.0, 52.0, 40.0), 1: seed_report(57.0, 53.0, 41.0),
+                2: seed_report(56.0, 51.0, 39.0)}  # fmt: skip
+
+
+def test_results_give_means_intervals_paired_differences_and_claims():
+    results = summarize(SEED_REPORTS, main="xlearner")
+    assert results["seeds"] == [0, 1, 2] and results["main"] == "xlearner"
+    rows = {row["name"]: row for row in results["rows"]}
+    avg = rows["xlearner"]["metrics"]["avg_cls"]  # 56, 58, 57 (AVG of a and a + 2)
+    assert avg["mean"] == pytest.approx(57.0) and avg["seeds"] == [0, 1, 2]
+    assert avg["high"] - avg["mean"] == pytest.approx(4.302653 / 3**0.5, abs=1e-5)  # sd 1
+    assert rows["xlearner"]["metrics"]["cls:b"]["mean"] == pytest.approx(58.0)
+    (diff,) = [d for d in results["differences"] if d["row"] == "hard_sharing"]
+    # hard_sharing - xlearner per seed: -3, -4, -5
+    assert diff["metric"] == "avg_cls" and diff["mean"] == pytest.approx(-4.0)
+    assert diff["high"] == pytest.approx(-4.0 + 4.302653 / 3**0.5, abs=1e-5)
+    claims = {c["claim"]: c for c in results["claims"]}
+    assert claims["X-Learner > hard sharing"]["verdict"] == "holds"
+    assert claims["X-Learner > hard sharing"]["difference"] == pytest.approx(4.0)
+    assert set(results["reports"]) == {"0", "1", "2"}
+
+
+def test_results_page_has_the_three_tables(tmp_path):
+    results = summarize(SEED_REPORTS, main="xlearner")
+    means = table_cells(format_means(results))
+    assert means[0] == ["Method", "AVG Cls", "a", "b", "Params (M)", "Train images"]
+    assert means[3][:2] == ["hard_sharing", "53.0 ± 2.5"]  # 52, 53, 51 + 1: sd 1
+    claims = table_cells(format_claims(results))
+    assert claims[0] == ["Claim", "Metric", "Difference", "95% interval", "Seeds", "Verdict"]
+    # differences 3, 4, 5: half-width t(0.975, 2) * 1 / sqrt(3) = 2.48
+    assert claims[2] == [
+        "X-Learner > hard sharing",
+        "AVG Cls",
+        "+4.0",
+        "[+1.5, +6.5]",
+        "3",
+        "holds",
+    ]
+    paths = write_results(results, tmp_path, preamble="# Results\n\n")
+    page = paths["md"].read_text()
+    assert page.startswith("# Results\n\n## Transfer over seeds")
+    assert format_claims(results) in page and format_differences(results) in page
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    with Image.open(paths["png"]) as image:
+        image.verify()
+
+
+def test_results_with_one_seed_show_means_without_intervals():
+    results = summarize({3: SEED_REPORTS[0]}, main="xlearner")
+    assert table_cells(format_means(results))[2][:2] == ["xlearner", "56.0"]
+    assert all(c["verdict"] == "needs 2+ seeds" for c in results["claims"])
+
+
+def test_results_reject_an_unknown_main_row():
+    with pytest.raises(ValueError, match="main row 'prune' is not in the reports"):
+        summarize(SEED_REPORTS, main="prune")

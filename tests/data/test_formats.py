@@ -185,7 +185,7 @@ def test_unreadable_file(tmp_path):
     os.symlink(
         tmp_path / "cat" / "gone.png", tmp_path / "cat" / "dangling.png"
     )  # inside root, missing
-    expect_problems(tmp_path, "cls", ("cat/dangling.png", "unreadable file"))
+    expect_problems(tmp_path, "cls", ("cat/dangling.png", "dangling symlink"))
 
 
 def test_symlinks_pointing_outside_the_root(tmp_path):
@@ -264,7 +264,7 @@ def test_multilabel_unlisted_and_missing_images(tmp_path):
         tmp_path,
         "multilabel",
         ("images/b.png", "not listed in labels.csv"),
-        ("images/ghost.png", "unreadable"),
+        ("images/ghost.png", "listed in labels.csv but missing"),
     )
 
 

@@ -64,7 +64,9 @@ def test_ingest_publishes_manifest_and_shards(store, synth_data, tmp_path):
         for split in ("train", "val")
         for s in manifest["splits"][split]["shards"]
     }
-    assert listed == expected | {f"{prefix}/manifest.json", "sources/src/latest.json"}
+    hashes = f"{prefix}/{manifest['file_hashes']['file']}"  # the source files' sha256
+    assert listed == expected | {f"{prefix}/manifest.json", "sources/src/latest.json", hashes}
+    assert sha256_file(store.local_copy(hashes, tmp_path)) == manifest["file_hashes"]["sha256"]
     assert len(manifest["splits"]["train"]["shards"]) >= 2
     total = 0
     for split in ("train", "val"):

@@ -65,7 +65,7 @@ def test_missing_keys(store, tmp_path):
 
 
 def test_large_file_multipart(store, tmp_path):
-    if isinstance(store, S3Store):  # force the multipart upload, download and copy paths
+    if isinstance(store, S3Store):  # force the multipart upload and download paths
         store.transfer = TransferConfig(
             multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20
         )
@@ -123,3 +123,79 @@ def test_wrong_credentials_are_named_without_the_secret(s3_server, monkeypatch):
     assert wrong_secret not in message and s3_server.secret_key not in message
     with pytest.raises(StoreError, match="credentials"):
         store.list("")
+
+
+@pytest.fixture
+def s3_store(store) -> S3Store:
+    if not isinstance(store, S3Store):
+        pytest.skip("S3 only")
+    return store
+
+
+def record_requests(store: S3Store) -> list[str]:
+    """The S3 operations ``store`` sends from now on (a botocore event hook)."""
+    sent: list[str] = []
+    store.client.meta.events.register(
+        "before-call.s3", lambda model, **_: sent.append(model.name), unique_id=str(id(sent))
+    )
+    return sent
+
+
+def raw_keys(store: S3Store) -> list[str]:
+    """Every object below the store's prefix, temporary or not (no filter of ours)."""
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "/")
+    return sorted(obj["Key"][len(store.prefix) + 1 :] for obj in listed.get("Contents", []))
+
+
+def test_s3_publish_writes_each_byte_once_to_the_final_key(s3_store, tmp_path):
+    s3_store.transfer = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * 2**20))  # 3 parts
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"small")
+    sent = record_requests(s3_store)
+    s3_store.write_bytes("k/a.json", b"{}")
+    s3_store.upload_file("k/small.bin", small)
+    assert sent == ["PutObject", "PutObject"]  # no temporary key, no copy, no delete
+    sent.clear()
+    digest = s3_store.upload_file("k/big.bin", big)
+    assert sent[0] == "CreateMultipartUpload" and sent[-1] == "CompleteMultipartUpload"
+    assert sorted(set(sent)) == ["CompleteMultipartUpload", "CreateMultipartUpload", "UploadPart"]
+    assert sent.count("UploadPart") == 3
+    assert raw_keys(s3_store) == ["k/a.json", "k/big.bin", "k/small.bin"]
+    head = s3_store.client.head_object(Bucket=s3_store.bucket, Key=s3_store._key("k/big.bin"))
+    assert head["Metadata"]["sha256"] == digest == sha256_file(big)
+
+
+def test_s3_failed_multipart_upload_publishes_nothing(s3_store, tmp_path):
+    s3_store.transfer = TransferConfig(
+        multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20, max_concurrency=1
+    )
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * 2**20))
+    parts = []
+
+    def fail_the_second_part(**_) -> None:
+        parts.append(1)
+        if len(parts) == 2:
+            raise ConnectionError("network went away")
+
+    s3_store.client.meta.events.register("before-call.s3.UploadPart", fail_the_second_part)
+    with pytest.raises(StoreError, match="k/big.bin"):
+        s3_store.upload_file("k/big.bin", big)
+    assert len(parts) == 2 and not s3_store.exists("k/big.bin") and raw_keys(s3_store) == []
+    uploads = s3_store.client.list_multipart_uploads(Bucket=s3_store.bucket, Prefix=s3_store.prefix)
+    assert uploads.get("Uploads", []) == []  # aborted, no parts left billed
+
+
+def test_s3_delete_prefix_is_batched(s3_store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"p/{i:04d}" for i in range(1001)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: s3_store.write_bytes(key, b"1"), keys))
+    s3_store.write_bytes("q/kept", b"1")
+    sent = record_requests(s3_store)
+    s3_store.delete_prefix("p")
+    assert sent.count("DeleteObjects") == 2 and "DeleteObject" not in sent  # 1000 + 1
+    assert raw_keys(s3_store) == ["q/kept"]

@@ -11,8 +11,10 @@ import uuid
 
 import pytest
 
-from flows.runners import STAGE_LABEL, DockerRunner, StageFailed
-from xlearner.config import DockerRunnerConfig
+from flows.operator import DATA_ROOTS_ENV, IMAGE_ENV, NETWORK_ENV, VOLUMES_ENV, DockerSettings
+from flows.runners import STAGE_LABEL, DockerRunner, StageFailed, make_runner
+from tests.pipeline_config import tiny_config_dict
+from xlearner.config import ConfigError, DockerRunnerConfig, RunnerConfig, validate_config
 
 pytestmark = pytest.mark.integration  # a real Docker engine (started here if needed)
 
@@ -27,9 +29,21 @@ def stage_containers(engine, stage: str) -> list:
     return engine.client.containers.list(all=True, filters={"label": f"{STAGE_LABEL}={stage}"})
 
 
-def make_runner(engine, **config) -> DockerRunner:
-    config.setdefault("image", engine.image)
-    return DockerRunner(DockerRunnerConfig(**config), client=engine.client, stop_timeout_s=2)
+def engine_runner(
+    engine, image: str | None = None, env_passthrough: list[str] | None = None, **config
+) -> DockerRunner:
+    """A runner of ``config`` (the form's) with the operator's ``image`` and passthrough."""
+    settings = DockerSettings(image=image or engine.image)
+    if env_passthrough is not None:
+        settings = DockerSettings(image=settings.image, env_passthrough=tuple(env_passthrough))
+    volumes = [v.split(":")[0] for v in config.get("volumes", [])]
+    return DockerRunner(
+        DockerRunnerConfig(**config),
+        client=engine.client,
+        settings=settings,
+        data_roots=volumes,
+        stop_timeout_s=2,
+    )
 
 
 def wait_until(check, timeout_s: float) -> bool:
@@ -44,7 +58,7 @@ def wait_until(check, timeout_s: float) -> bool:
 def test_stage_runs_as_non_root_under_the_stage_protocol(docker_engine):
     stage = unique("train")
     lines: list[str] = []
-    result = make_runner(docker_engine).run(
+    result = engine_runner(docker_engine).run(
         stage, ["--out", "s3://bucket/run"], log=lines.append, timeout_s=60
     )
     assert lines[0] == f"python -m stages.{stage} --out s3://bucket/run as 10001:10001"
@@ -55,7 +69,7 @@ def test_stage_runs_as_non_root_under_the_stage_protocol(docker_engine):
 
 def test_lines_stream_as_they_come(docker_engine):
     arrivals: list[tuple[float, str]] = []
-    make_runner(docker_engine).run_command(
+    engine_runner(docker_engine).run_command(
         ["sh", "-c", "echo one; sleep 1; echo two"],
         stage=unique("stream"),
         log=lambda line: arrivals.append((time.monotonic(), line)),
@@ -70,7 +84,7 @@ def test_exit_code_propagates_and_the_container_is_removed(docker_engine, monkey
     stage = unique("crash")
     lines: list[str] = []
     with pytest.raises(StageFailed) as info:
-        make_runner(docker_engine).run_command(
+        engine_runner(docker_engine).run_command(
             ["sh", "-c", 'echo "key=$AWS_SECRET_ACCESS_KEY"; echo boom >&2; exit 7'],
             stage=stage,
             log=lines.append,
@@ -88,7 +102,7 @@ def test_timeout_stops_and_removes_the_container(docker_engine):
     stage = unique("slow")
     started = time.monotonic()
     with pytest.raises(StageFailed, match="timed out after 5 s and was stopped") as info:
-        make_runner(docker_engine).run_command(
+        engine_runner(docker_engine).run_command(
             ["sh", "-c", "echo start; sleep 120"], stage=stage, log=lambda _: None, timeout_s=5
         )
     assert time.monotonic() - started < 20
@@ -104,7 +118,7 @@ def test_exception_in_the_caller_stops_and_removes_the_container(docker_engine):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        make_runner(docker_engine).run_command(
+        engine_runner(docker_engine).run_command(
             ["sh", "-c", "echo start; sleep 120"], stage=stage, log=interrupt
         )
     assert stage_containers(docker_engine, stage) == []
@@ -113,6 +127,7 @@ def test_exception_in_the_caller_stops_and_removes_the_container(docker_engine):
 CANCELLED_CHILD = textwrap.dedent("""
     import signal, sys
     from flows.runners import DockerRunner
+    from flows.operator import DockerSettings
     from xlearner.config import DockerRunnerConfig
 
     class TerminationSignal(BaseException):
@@ -126,7 +141,7 @@ CANCELLED_CHILD = textwrap.dedent("""
     # (`cmd &` starts with SIGINT ignored, and Python then installs no handler for it).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     image, stage = sys.argv[1:]
-    runner = DockerRunner(DockerRunnerConfig(image=image), stop_timeout_s=2)
+    runner = DockerRunner(DockerRunnerConfig(), settings=DockerSettings(image), stop_timeout_s=2)
     command = ["sh", "-c", "echo started; sleep 120"]
     runner.run_command(command, stage=stage, log=lambda line: print(line, flush=True))
 """)
@@ -157,7 +172,7 @@ def test_cancelled_run_stops_and_removes_the_container(docker_engine, sig):
 @pytest.mark.parametrize("gpus", [0, -1, 2])
 def test_container_settings_reach_the_engine(docker_engine, tmp_path, gpus):
     # No GPU here: the container is created (not started) and inspected.
-    runner = make_runner(
+    runner = engine_runner(
         docker_engine,
         gpus=gpus,
         shm_size="64m",
@@ -191,7 +206,7 @@ def test_only_listed_variables_pass_through(docker_engine, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("XL_NOT_LISTED", "leaked")
     monkeypatch.setenv("MLFLOW_RUN_ID", "exported-run")
-    runner = make_runner(
+    runner = engine_runner(
         docker_engine, env_passthrough=["AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "XL_UNSET"]
     )
     lines: list[str] = []
@@ -209,7 +224,7 @@ def test_only_listed_variables_pass_through(docker_engine, monkeypatch):
 
 
 def test_missing_image_says_how_to_build_it(docker_engine):
-    runner = make_runner(docker_engine, image="xlearner-no-such-image:0")
+    runner = engine_runner(docker_engine, image="xlearner-no-such-image:0")
     with pytest.raises(RuntimeError, match="docker build -f docker/Dockerfile.stage"):
         runner.run_command(["true"], stage=unique("noimage"), log=lambda _: None)
 
@@ -219,7 +234,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_clearly(docker_engine):
         pytest.skip("this engine has the NVIDIA runtime: the request could succeed")
     stage = unique("gpu")
     with pytest.raises(RuntimeError, match=r"runner.docker.gpus=-1\): the host needs"):
-        make_runner(docker_engine, gpus=-1).run_command(["true"], stage=stage, log=lambda _: None)
+        engine_runner(docker_engine, gpus=-1).run_command(["true"], stage=stage, log=lambda _: None)
     assert stage_containers(docker_engine, stage) == []
 
 
@@ -227,7 +242,8 @@ def test_out_of_memory_is_named(docker_engine):
     if not docker_engine.client.info().get("MemoryLimit"):
         pytest.skip("this engine cannot limit container memory (no memory cgroup)")
     runner = DockerRunner(
-        DockerRunnerConfig(image=docker_engine.image),
+        DockerRunnerConfig(),
+        settings=DockerSettings(docker_engine.image),
         client=docker_engine.client,
         create_options={"mem_limit": "8m", "memswap_limit": "8m"},
     )
@@ -237,3 +253,79 @@ def test_out_of_memory_is_named(docker_engine):
     with pytest.raises(StageFailed, match="killed by the kernel: out of memory") as info:
         runner.run_command(["sh", "-c", hog], stage=unique("oom"), log=lambda _: None)
     assert info.value.returncode == 137 and info.value.log_tail == "start"
+
+
+HOSTILE_FORM_VALUES = [
+    ({"user": "0:0"}, "runner.docker.user: '0:0': stage containers never run as root"),
+    ({"user": "root"}, "runner.docker.user: 'root': expected a numeric uid:gid"),
+    ({"volumes": ["/:/host:rw"]}, "runner.docker.volumes: '/:/host:rw': binding / gives"),
+    (
+        {"volumes": ["/var/run/docker.sock:/var/run/docker.sock"]},
+        "binding /var/run/docker.sock gives the container the host",
+    ),
+    ({"image": "attacker/image:1"}, "runner.docker.image: set by whoever runs the stack"),
+    ({"network_mode": "host"}, "in the worker's environment (network_mode: XLEARNER_DOCKER_NET"),
+    ({"env_passthrough": ["HOME"]}, "env_passthrough: XLEARNER_DOCKER_ENV_PASSTHROUGH"),
+    ({"gpus": -2}, "runner.docker.gpus: Input should be greater than or equal to -1"),
+    ({"shm_size": "1e9"}, "runner.docker.shm_size: '1e9': expected a size such as 512m"),
+]
+
+
+@pytest.mark.parametrize("docker, message", HOSTILE_FORM_VALUES)
+def test_hostile_form_values_are_refused_with_a_clear_message(docker, message):
+    data = tiny_config_dict("/data", "/store", runner={"kind": "docker", "docker": docker})
+    with pytest.raises(ConfigError) as info:
+        validate_config(data, origin="the Prefect form")
+    assert str(info.value).startswith("invalid config the Prefect form:")
+    assert message in str(info.value)
+
+
+def test_operator_settings_are_not_in_the_parameter_form():
+    from xlearner.config import PipelineConfig
+
+    form = PipelineConfig.model_json_schema()["$defs"]["DockerRunnerConfig"]["properties"]
+    assert set(form) == {"gpus", "shm_size", "user", "timeout_s", "labels", "volumes"}
+
+
+def test_binds_outside_the_operators_data_roots_are_refused(monkeypatch, tmp_path):
+    inside, outside = tmp_path / "data", tmp_path / "elsewhere"
+    config = RunnerConfig(kind="docker", docker={"volumes": [f"{outside}:/x:ro"]})
+    monkeypatch.delenv(DATA_ROOTS_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"{DATA_ROOTS_ENV} is unset"):
+        make_runner(config)
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(inside))
+    with pytest.raises(ConfigError, match=f"{outside}:/x:ro bind host folders outside"):
+        make_runner(config)
+    # a symlink under a root that points outside it is resolved first
+    inside.mkdir()
+    (inside / "link").symlink_to(outside)
+    with pytest.raises(ConfigError, match="outside the data roots"):
+        make_runner(RunnerConfig(kind="docker", docker={"volumes": [f"{inside}/link:/x"]}))
+    assert make_runner(RunnerConfig(kind="docker", docker={"volumes": [f"{inside}/a:/a:ro"]}))
+
+
+def test_the_operators_settings_reach_the_engine(docker_engine, monkeypatch, tmp_path):
+    """The image, network and extra binds come from the worker's environment; the form's
+    user, binds (under the data roots) and shm size come with them."""
+    for key, value in docker_engine.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(IMAGE_ENV, docker_engine.image)
+    monkeypatch.setenv(NETWORK_ENV, "none")
+    monkeypatch.setenv(VOLUMES_ENV, f"{tmp_path}/cache:/cache")
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(tmp_path))
+    config = RunnerConfig(
+        kind="docker",
+        docker={"user": "20002:20002", "volumes": [f"{tmp_path}/data:/data:ro"], "shm_size": "8m"},
+    )
+    runner = make_runner(config)
+    stage = unique("operator")
+    container = runner.client.containers.create(**runner.container_kwargs(["true"], stage=stage))
+    try:
+        attrs = runner.client.api.inspect_container(container.id)
+    finally:
+        container.remove(force=True)
+    assert attrs["Config"]["Image"] == docker_engine.image
+    assert attrs["Config"]["User"] == "20002:20002"
+    host = attrs["HostConfig"]
+    assert host["NetworkMode"] == "none" and host["ShmSize"] == 8 * 2**20
+    assert host["Binds"] == [f"{tmp_path}/cache:/cache", f"{tmp_path}/data:/data:ro"]

@@ -211,9 +211,9 @@ def test_make_runner():
     process_runner = make_runner(RunnerConfig())
     assert isinstance(process_runner, ProcessRunner) and process_runner.warm_start
     assert not make_runner(RunnerConfig(warm_start=False)).warm_start
-    docker_runner = make_runner(RunnerConfig(kind="docker", docker={"image": "img:1", "gpus": -1}))
+    docker_runner = make_runner(RunnerConfig(kind="docker", docker={"gpus": -1}))
     assert isinstance(docker_runner, DockerRunner)
-    assert docker_runner.config.image == "img:1" and docker_runner.config.gpus == -1
+    assert docker_runner.config.gpus == -1
 
 
 # --- warm start: stages forked from the fork server that imported them -----------------

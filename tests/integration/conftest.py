@@ -9,12 +9,16 @@ at it; everything is stopped (SIGTERM, then SIGKILL after a timeout) at the end.
 - ``stack.s3``: ``endpoint_url``, ``bucket``, ``access_key``, ``secret_key``, ``region``
   and ``uri(prefix)`` -> ``s3://<bucket>/<prefix>``
 - ``stack.store_uri``: a suggested pipeline store (``s3://<bucket>/xlearner``)
-- ``stack.env()``: PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL,
+- ``stack.env()``: PREFECT_API_URL, PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_URI,
+  MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, AWS_ENDPOINT_URL,
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, XLEARNER_STORE
+- ``stack.credentials``: the generated Prefect auth string and MLflow user; both servers
+  refuse requests without them
 
 While it is up, this process's environment holds ``stack.env()`` and Prefect's settings
-point at the stack's server (Prefect reads its settings once, at import: the environment
-alone would not redirect it). Tests using it are marked ``integration`` and ``slow``.
+point at the stack's server with its auth string (Prefect reads its settings once, at
+import: the environment alone would not redirect it). Tests using it are marked
+``integration`` and ``slow``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
         pytest.skip(str(err))
     import boto3
     from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     stack = LocalStack(tmp_path_factory.mktemp("stack"), bucket="xlearner-it")
     t0 = time.monotonic()
@@ -53,7 +57,11 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
         for key, value in stack.env().items():
             mp.setenv(key, value)
         mp.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the first credentials it saw
-        with temporary_settings({PREFECT_API_URL: stack.prefect_api_url}):
+        prefect_settings = {
+            PREFECT_API_URL: stack.prefect_api_url,
+            PREFECT_API_AUTH_STRING: stack.credentials.prefect_auth_string,
+        }
+        with temporary_settings(prefect_settings):
             try:
                 yield stack
             finally:  # send the queued run logs while the server still listens

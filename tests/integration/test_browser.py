@@ -10,6 +10,7 @@ takes seconds. Screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -113,6 +114,15 @@ def field(driver, label: str):
     return wait(driver).until(ec.visibility_of_element_located((By.XPATH, xpath)))
 
 
+def log_in(driver, stack) -> None:
+    """What the Prefect UI's login page stores once its auth string was typed."""
+    driver.get(stack.prefect_ui_url)
+    driver.execute_script(
+        "localStorage.setItem('prefect-password', btoa(arguments[0]))",
+        stack.credentials.prefect_auth_string,
+    )
+
+
 def test_custom_run_from_the_prefect_form_and_mlflow_compare(
     local_stack, stack_run, browser, tmp_path
 ):
@@ -126,6 +136,7 @@ def test_custom_run_from_the_prefect_form_and_mlflow_compare(
     pool = f"xlearner-ui-{uuid.uuid4().hex[:6]}"
     deploy(config, pool=pool, name="tiny-ui", sensor_every_s=None)
 
+    log_in(browser, local_stack)
     browser.get(f"{local_stack.prefect_ui_url}/deployments")
     click_text(browser, "a", "tiny-ui")
     wait(browser).until(ec.url_contains("/deployments/deployment/"))
@@ -166,6 +177,13 @@ def test_custom_run_from_the_prefect_form_and_mlflow_compare(
     ids, experiments = (
         quote(json.dumps(list(runs.values()))),
         quote(json.dumps([experiment.experiment_id])),
+    )
+    credentials = local_stack.credentials  # MLflow's basic auth, on every request from here
+    basic = f"{credentials.mlflow_username}:{credentials.mlflow_password}"
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders",
+        {"headers": {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()}},
     )
     browser.get(f"{local_stack.mlflow_ui_url}/#/compare-runs?runs={ids}&experiments={experiments}")
     wait(browser).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Comparing 2 Runs"))

@@ -1,7 +1,8 @@
-"""The S3 secret of the stack never leaves the environment of the processes that use it.
+"""The stack's secrets never leave the environment of the processes that use them.
 
-Every stage process of ``stack_run`` had AWS_SECRET_ACCESS_KEY in its environment; after
-the run, the secret must be in none of the places a user (or an attacker) can read:
+Every stage process of ``stack_run`` had AWS_SECRET_ACCESS_KEY, PREFECT_API_AUTH_STRING
+and MLFLOW_TRACKING_PASSWORD in its environment; after the run, none of them may be in
+the places a user (or an attacker) can read:
 Prefect's logs, flow-run parameters and artifacts, MLflow's params and tags, and the
 JSON the pipeline published to the store.
 """
@@ -31,10 +32,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PAGE = 200  # the most logs Prefect's API returns per request
 
 
-@pytest.fixture(scope="module")
-def secret(local_stack, stack_run: StackRun) -> str:
-    value = local_stack.s3.secret_key
-    assert len(value) >= 30 and os.environ["AWS_SECRET_ACCESS_KEY"] == value  # what stages got
+@pytest.fixture(
+    scope="module",
+    params=["AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD"],
+)
+def secret(request, local_stack, stack_run: StackRun) -> str:
+    value = local_stack.env()[request.param]
+    assert len(value) >= 30 and os.environ[request.param] == value  # what stages got
     return value
 
 

@@ -1,12 +1,15 @@
-"""The local stack: the session fixture's servers answer, and `xlearner stack up/down`
-starts detached servers usable through its env file, then stops every process of them."""
+"""The local stack: the session fixture's servers answer, only with the stack's
+credentials, and `xlearner stack up/down` starts detached servers usable through its env
+file, then stops every process of them."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 
@@ -22,9 +25,68 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLI_TIMEOUT_S = 400  # three servers starting on a loaded 2-core machine
 
 
-def get(url: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.status, response.read()
+def get(url: str, user: str | None = None, password: str = "") -> tuple[int, bytes]:
+    """Status and body of a GET (error statuses included), with basic auth when ``user``."""
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def assert_servers_require_credentials(env: dict[str, str]) -> None:
+    """Prefect's API and MLflow's REST API refuse a request without (or with wrong)
+    credentials and answer the stack's own."""
+    prefect = f"{env['PREFECT_API_URL']}/flows/filter"
+    user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
+    mlflow = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    mlflow_user, mlflow_password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    assert len(password) >= 30 and len(mlflow_password) >= 30  # generated, not a default
+
+    def post(url: str, auth: str | None) -> int:
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        request.add_header("Content-Type", "application/json")
+        if auth is not None:
+            request.add_header("Authorization", f"Basic {base64.b64encode(auth.encode()).decode()}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert post(prefect, None) == 401
+    assert post(prefect, f"{user}:{password}x") == 401
+    assert post(prefect, env["PREFECT_API_AUTH_STRING"]) == 200
+    assert get(mlflow)[0] == 401
+    assert get(mlflow, mlflow_user, mlflow_password + "x")[0] == 401
+    assert get(mlflow, mlflow_user, mlflow_password)[0] == 200
+    # the events websocket too (it was open with an auth string set in Prefect 3.2, #17687)
+    events = env["PREFECT_API_URL"].replace("http://", "ws://") + "/events/in"
+    assert websocket_auth(events, None) == "refused: 403"  # no auth handshake at all
+    assert websocket_auth(events, env["PREFECT_API_AUTH_STRING"] + "x") == "closed: 1008"
+    assert websocket_auth(events, env["PREFECT_API_AUTH_STRING"]) == "auth_success"
+
+
+def websocket_auth(url: str, token: str | None) -> str:
+    """What Prefect's websocket answers to an auth message with ``token`` (None: a client
+    without Prefect's subprotocol and no auth message)."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    protocols = None if token is None else ["prefect"]
+    try:
+        with connect(url, subprotocols=protocols, open_timeout=30) as socket:
+            if token is not None:
+                socket.send(json.dumps({"type": "auth", "token": token}))
+            return json.loads(socket.recv(timeout=30))["type"]
+    except InvalidStatus as refused:  # the server closed it before accepting
+        return f"refused: {refused.response.status_code}"
+    except ConnectionClosed as closed:
+        return f"closed: {closed.rcvd.code if closed.rcvd else None}"
 
 
 def s3_client(endpoint: str, key: str, secret: str):
@@ -46,12 +108,13 @@ def assert_s3_enforces_identity(endpoint: str, bucket: str, key: str, secret: st
 
 
 def assert_services_answer(env: dict[str, str]) -> None:
-    assert get(f"{env['PREFECT_API_URL']}/health") == (200, b"true")
+    assert get(f"{env['PREFECT_API_URL']}/health") == (200, b"true")  # probes need no auth
     assert get(f"{env['MLFLOW_TRACKING_URI']}/health")[0] == 200
     assert b"<html" in get(env["PREFECT_API_URL"].removesuffix("/api"))[1].lower()  # the UI
     bucket = env["XLEARNER_STORE"].removeprefix("s3://").split("/")[0]
     key, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
     assert_s3_enforces_identity(env["AWS_ENDPOINT_URL"], bucket, key, secret)
+    assert_servers_require_credentials(env)
 
 
 def live_processes(pgids: list[int]) -> list[str]:
@@ -97,7 +160,13 @@ def test_stack_up_and_down_cli(tmp_path):
         stack_env = read_env_file(env_file)
         assert len(stack_env["AWS_SECRET_ACCESS_KEY"]) >= 30  # generated, not a default
         state = json.loads((workdir / STACK_STATE).read_text())
-        assert stack_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(state)
+        for name in (
+            "AWS_SECRET_ACCESS_KEY",
+            "PREFECT_API_AUTH_STRING",
+            "MLFLOW_TRACKING_PASSWORD",
+        ):
+            assert stack_env[name] not in json.dumps(state)
+            assert stack_env[name] not in up.stdout + up.stderr  # never printed
         assert sorted(state["services"]) == ["mlflow", "prefect", "seaweedfs"]
         pids = [info["pid"] for info in state["services"].values()]
         assert len(live_processes(pids)) >= 3  # they outlived `stack up`

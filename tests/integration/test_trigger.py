@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.operator import DATA_ROOTS_ENV, data_roots, is_under
 from flows.trigger import (
     ANNOUNCED,
     INGESTED,
@@ -38,7 +39,7 @@ from tests.pipeline_config import tiny_config
 from xlearner.config import ConfigError, SourceConfig, load_config, validate_config
 from xlearner.data.ingest import ingest_source
 from xlearner.store import open_store
-from xlearner.store_keys import manifest_key, stage_result
+from xlearner.store_keys import manifest_key, source_latest, stage_result
 
 TRIGGER_POOL = "xlearner-trigger-test"
 QUIET_S = 15  # how long "no run starts" is watched after the last event
@@ -82,7 +83,7 @@ def test_new_source_is_announced_once_with_the_updated_source_list(
     manifest = ingest_source(fresh, store, image_size=cfg.model.image_size)
 
     recorder = Recorder()
-    landed = announce(cfg, store, emit=recorder)
+    landed = announce(cfg, store, source_roots=[str(tmp_path)], emit=recorder)
     assert [(v.name, v.version) for v in landed] == [("fresh_cls", manifest["version"])]
     (event,) = recorder.events
     assert event.event == LANDED_EVENT
@@ -97,13 +98,15 @@ def test_new_source_is_announced_once_with_the_updated_source_list(
     assert read_state(store, cfg.name) == {"fresh_cls": {manifest["version"]: ANNOUNCED}}
 
     again = Recorder()
-    assert announce(cfg, store, emit=again) == [] and again.events == []
+    assert announce(cfg, store, source_roots=[str(tmp_path)], emit=again) == []
+    assert again.events == []
 
     change_one_image(Path(fresh.uri))  # a new version of the same source is news again
     newer = ingest_source(fresh, store, image_size=cfg.model.image_size)
     assert newer["version"] != manifest["version"]
     third = Recorder()
-    assert [v.version for v in announce(cfg, store, emit=third)] == [newer["version"]]
+    announced = announce(cfg, store, source_roots=[str(tmp_path)], emit=third)
+    assert [v.version for v in announced] == [newer["version"]]
     assert third.events[0].id != event.id
 
 
@@ -122,7 +125,9 @@ def test_unlisted_sources_are_ignored_when_not_adopted(local_setup, synth_data, 
     cfg, store = local_setup
     ingest_source(fresh_source(synth_data.root, tmp_path), store, image_size=cfg.model.image_size)
     recorder, lines = Recorder(), []
-    assert announce(cfg, store, adopt_new_sources=False, emit=recorder, log=lines.append) == []
+    roots = [str(tmp_path)]  # trusted, but not adopted
+    options = {"adopt_new_sources": False, "source_roots": roots, "log": lines.append}
+    assert announce(cfg, store, emit=recorder, **options) == []
     assert recorder.events == [] and "fresh_cls" in lines[0]
     assert read_state(store, cfg.name) == {}  # still news for a sensor that adopts sources
 
@@ -131,11 +136,56 @@ def test_failed_emit_records_nothing_so_the_next_scan_retries(local_setup, synth
     cfg, store = local_setup
     ingest_source(fresh_source(synth_data.root, tmp_path), store, image_size=cfg.model.image_size)
     with pytest.raises(ConnectionError):
-        announce(cfg, store, emit=Recorder(fail=True))
+        announce(cfg, store, source_roots=[str(tmp_path)], emit=Recorder(fail=True))
     assert read_state(store, cfg.name) == {}
     retry = Recorder()
-    assert len(announce(cfg, store, emit=retry)) == 1
+    assert len(announce(cfg, store, source_roots=[str(tmp_path)], emit=retry)) == 1
     assert retry.events[0].id == event_id(cfg.name, latest_versions(store)["fresh_cls"])
+
+
+def plant_foreign_source(store, name: str, source_uri: str, fmt: str = "cls") -> None:
+    """What anyone who can write to the store could publish: a manifest and its latest.json."""
+    store.write_json(
+        manifest_key(name, "v-foreign"),
+        {"format": fmt, "source_uri": source_uri, "split": {"val_fraction": 0.1, "seed": 0}},
+    )
+    store.write_json(
+        source_latest(name), {"version": "v-foreign", "manifest": manifest_key(name, "v-foreign")}
+    )
+
+
+def test_a_foreign_source_outside_the_roots_is_reported_and_ignored(local_setup, tmp_path):
+    cfg, store = local_setup
+    plant_foreign_source(store, "stolen", "/root/.ssh")
+    recorder, warnings = Recorder(), []
+    announced = announce(
+        cfg, store, source_roots=[str(tmp_path)], emit=recorder, warn=warnings.append
+    )
+    assert announced == [] and recorder.events == []
+    (warning,) = warnings
+    assert "source stolen landed from /root/.ssh" in warning and "ignored" in warning
+    assert read_state(store, cfg.name) == {}  # nothing recorded: it stays refused
+    # ".." does not climb out of a root; without roots no unlisted source is adopted
+    plant_foreign_source(store, "stolen", f"{tmp_path}/../../root/.ssh")
+    assert announce(cfg, store, source_roots=[str(tmp_path)], emit=recorder, warn=[].append) == []
+    assert announce(cfg, store, source_roots=[], emit=recorder, warn=warnings.append) == []
+    assert f"no data roots are set ({DATA_ROOTS_ENV})" in warnings[-1] and recorder.events == []
+
+
+def test_a_declared_source_landed_from_elsewhere_is_ignored(local_setup):
+    cfg, store = local_setup
+    plant_foreign_source(store, cfg.sources[0].name, "/root/.ssh")  # a listed name
+    recorder, warnings = Recorder(), []
+    assert announce(cfg, store, emit=recorder, warn=warnings.append) == []
+    assert recorder.events == [] and f"reads it from {cfg.sources[0].uri}" in warnings[0]
+
+
+def test_roots_come_from_the_operators_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ROOTS_ENV, f"{tmp_path}/a, s3://bucket/data")
+    assert data_roots() == [f"{tmp_path}/a", "s3://bucket/data"]
+    assert is_under("s3://bucket/data/x", data_roots())
+    assert not is_under("s3://bucket/database", data_roots())
+    assert not is_under(f"{tmp_path}/a/../b", data_roots())
 
 
 def test_add_source_rejects_a_source_the_config_does_not_list(local_setup):
@@ -146,8 +196,12 @@ def test_add_source_rejects_a_source_the_config_does_not_list(local_setup):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_landed_source_starts_exactly_one_pipeline_run(local_stack, synth_data, tmp_path):
+def test_landed_source_starts_exactly_one_pipeline_run(
+    local_stack, synth_data, tmp_path, monkeypatch
+):
     from flows.deployments import deploy
+
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(tmp_path))  # where fresh_cls lives
 
     cls_copy = shutil.copytree(synth_data.root / "shapes_cls", tmp_path / "shapes_cls")
     path = write_config(

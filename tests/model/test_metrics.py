@@ -122,7 +122,13 @@ def test_detection_map_handles_missing_predictions_and_missing_ground_truth():
         "labels": torch.zeros(0, dtype=torch.int64),
     }
     no_predictions.update([empty] * 3, _det_targets())
-    assert no_predictions.compute() == {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0}
+    assert no_predictions.compute() == {
+        "mAP": 0.0,
+        "mAP50": 0.0,
+        "mAP75": 0.0,
+        "voc_ap50": 0.0,
+        "voc07_ap50": 0.0,
+    }
     no_ground_truth = DetectionMAP(num_classes=2)
     no_ground_truth.update(_as_predictions(_det_targets()), [_det_targets()[1]] * 3)
     assert no_ground_truth.compute()["mAP"] == 0.0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
 
@@ -27,6 +29,25 @@ PRETRAINED_HELP = (
     "pickled model); torchvision names (conv1, bn1, layer1..4) are mapped, fc.* ignored, "
     "and every trunk tensor must be present with its shape (xlearner/models/pretrained.py)."
 )
+
+
+def local_or_s3(uri: str) -> str:
+    """``uri`` if it is a local path or ``s3://bucket[/prefix]``, the two kinds of place the
+    pipeline reads and writes."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme != "s3":
+        raise ValueError(
+            f"{uri!r}: unsupported scheme {scheme}://; use a local folder (a plain path, "
+            "not file://) or s3://bucket/prefix"
+        )
+    if sep and not rest.split("/", 1)[0]:
+        raise ValueError(f"{uri!r}: no bucket; use s3://bucket/prefix")
+    if not uri.strip():
+        raise ValueError("empty; use a local folder or s3://bucket/prefix")
+    return uri
+
+
+LocalOrS3 = Annotated[str, AfterValidator(local_or_s3)]
 
 
 def pretrained_file(path: str | None) -> str | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from xlearner.config.base import NAME_PATTERN, StrictModel
+from xlearner.config.base import NAME_PATTERN, LocalOrS3, StrictModel
 from xlearner.tasks import LABEL_TASK_OF_FORMAT, SELF_SUPERVISED, SourceFormat, TaskType
 
 
@@ -15,7 +18,7 @@ class SourceConfig(StrictModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     format: SourceFormat
-    uri: str
+    uri: LocalOrS3
     tasks: list[TaskType] | None = Field(
         default=None,
         description="Tasks this source feeds; default: the task of its label type "
@@ -54,10 +57,40 @@ class DownstreamConfig(StrictModel):
     """A held-out data set used only to evaluate transfer."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    format: Literal[SourceFormat.cls, SourceFormat.det, SourceFormat.seg]
-    uri: str
+    format: Literal[
+        SourceFormat.cls,
+        SourceFormat.det,
+        SourceFormat.seg,
+        SourceFormat.voc_det,
+        SourceFormat.voc_seg,
+        SourceFormat.csv_cls,
+    ]
+    uri: LocalOrS3
     val_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
     split_seed: int = 0
+
+
+def _place(uri: str) -> str:
+    """Where a source is, comparable by prefix: s3://bucket/prefix/ or an absolute path/."""
+    place = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).expanduser().resolve())
+    return os.path.join(place, "")
+
+
+def check_held_out(sources: Sequence[SourceConfig], downstream: Sequence[DownstreamConfig]) -> None:
+    """ValueError if a downstream set's folder is, contains or lies inside a training
+    source's folder: evaluating on images the backbone trained on (a train/test leak).
+    Shared files in different folders are found by content after ingest
+    (:func:`xlearner.data.held_out.check_held_out_content`)."""
+    for held_out in downstream:
+        for source in sources:
+            a, b = _place(held_out.uri), _place(source.uri)
+            if a.startswith(b) or b.startswith(a):
+                raise ValueError(
+                    f"downstream {held_out.name!r} ({held_out.uri}) and training source "
+                    f"{source.name!r} ({source.uri}) share a folder: transfer would be "
+                    "evaluated on images the backbone trained on; give the downstream set a "
+                    "folder of its own"
+                )
 
 
 class IngestConfig(StrictModel):
@@ -66,6 +99,7 @@ class IngestConfig(StrictModel):
     max_side: int | None = Field(
         default=None,
         ge=32,
+        le=65_535,
         description="re-encode images whose longer side exceeds this to that side (boxes "
         "scaled, masks NEAREST), so shards decode faster; e.g. 320 for 224 px training. "
         "None: keep the images as they are. Part of the version.",
@@ -78,5 +112,5 @@ class SynthConfig(StrictModel):
     enabled: bool = False
     out: str = ".xlearner/data"
     seed: int = 0
-    images_per_source: int = Field(default=240, ge=8)
-    image_size: int = Field(default=64, ge=32)
+    images_per_source: int = Field(default=240, ge=8, le=1_000_000)
+    image_size: int = Field(default=64, ge=32, le=1024)

@@ -29,34 +29,60 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, RecursionError) as err:
+        problem = (
+            str(err).splitlines()[0] if isinstance(err, yaml.YAMLError) else "nested too deeply"
+        )
+        raise ConfigError(
+            f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem}); "
+            "quote a string value, close every [ and {"
+        ) from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
+        key = ".".join(path)
         node: Any = data
-        for i, part in enumerate(path[:-1]):
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            where = ".".join(path[:i]) or "the config"
             if isinstance(node, list):
-                node = node[_list_index(node, part, path[: i + 1])]
+                index = _list_index(node, part, key, where)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
             else:
-                node = node.setdefault(part, {})
-        last = path[-1]
-        if isinstance(node, list):
-            node[_list_index(node, last, path)] = value
-        else:
-            node[last] = value
+                raise ConfigError(
+                    f"--set {key}: {where} is {node!r}, not a section or a list, "
+                    f"so it has no field {part!r}; set {where} itself"
+                )
     return data
 
 
-def _list_index(node: list, part: str, path: list[str]) -> int:
+def _list_index(node: list, part: str, key: str, where: str) -> int:
     """List items are addressed by index or by their ``name`` (``sources.shapes.val_fraction``)."""
     if part.isdigit():
+        if int(part) >= len(node):
+            raise ConfigError(
+                f"--set {key}: {where} has {len(node)} item(s), so no item {part}; "
+                f"use an index 0..{len(node) - 1} or an item's name"
+            )
         return int(part)
     for i, item in enumerate(node):
         if isinstance(item, dict) and item.get("name") == part:
             return i
-    raise ConfigError(f"--set {'.'.join(path)}: no list item named {part!r}")
+    names = [item["name"] for item in node if isinstance(item, dict) and "name" in item]
+    raise ConfigError(f"--set {key}: no item of {where} is named {part!r}; names: {names}")
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:
@@ -83,6 +109,8 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Pipel
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {source} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {source}: top level must be a mapping, got {type(data).__name__}"

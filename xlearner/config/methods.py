@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from xlearner.config.base import PRETRAINED_HELP, StrictModel, pretrained_file, registered_backbone
+from xlearner.config.base import (
+    NAME_PATTERN,
+    PRETRAINED_HELP,
+    StrictModel,
+    pretrained_file,
+    registered_backbone,
+)
 from xlearner.config.training import TrainConfig
 from xlearner.tasks import TaskType
 
@@ -33,6 +39,12 @@ class ReconcileConfig(StrictModel):
         "gamma parameters for ResNet-50 into stages 1-3). Both: 1x1 conv + BN within a stage, "
         "last BN zero-initialised (the expanded model starts as the sub-backbones).",
     )
+    r_sub_backbone: str = Field(
+        default="half_resnet50",
+        description="The sub-backbones of variant xlearner_r (the paper's X-Learner_r: "
+        "HalfResNet-50); its student stays the configured one (squeeze.student or "
+        "model.backbone).",
+    )
     max_gamma_ratio: float | None = Field(
         default=None,
         gt=0,
@@ -42,6 +54,11 @@ class ReconcileConfig(StrictModel):
     )
     train: TrainConfig = TrainConfig(steps=200)
 
+    @field_validator("r_sub_backbone")
+    @classmethod
+    def _known_sub_backbone(cls, name: str) -> str:
+        return registered_backbone(name)
+
     @field_validator("receive_stages")
     @classmethod
     def _stages_in_range(cls, stages: list[int]) -> list[int]:
@@ -49,6 +66,26 @@ class ReconcileConfig(StrictModel):
         if bad:
             raise ValueError(f"receive_stages must be within 1..4 (C2..C5); got {bad}")
         return sorted(set(stages))
+
+
+class HintCheckpoint(StrictModel):
+    """An external X-Learner++ hint: a pre-trained backbone from a local file."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str = Field(description=PRETRAINED_HELP)
+    backbone: str | None = Field(
+        default=None, description="Its architecture; default: model.backbone"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _weights_file(cls, path: str) -> str:
+        return pretrained_file(path)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str | None) -> str | None:
+        return None if name is None else registered_backbone(name)
 
 
 class SqueezeConfig(StrictModel):
@@ -68,7 +105,24 @@ class SqueezeConfig(StrictModel):
         description="Weight of each task's sub-backbone in the FitNet sum (default 1 each), "
         "e.g. {mim: 0.5, contrastive: 0.5}",
     )
+    hints: list[HintCheckpoint] = Field(
+        default_factory=list,
+        description="X-Learner++ only (variant xlearner_pp): extra hint backbones from local "
+        "weight files, matched by the student beside the single-source experts.",
+    )
+    hint_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the hint matching loss (X-Learner++)"
+    )
     train: TrainConfig = TrainConfig(steps=200)
+
+    @field_validator("hints")
+    @classmethod
+    def _distinct_hints(cls, hints: list[HintCheckpoint]) -> list[HintCheckpoint]:
+        names = [h.name for h in hints]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"hint names must be distinct; repeated: {dupes}")
+        return hints
 
     @field_validator("levels")
     @classmethod
@@ -98,6 +152,27 @@ class SqueezeConfig(StrictModel):
 
 
 class TransferConfig(StrictModel):
+    """The transfer protocols (docs/transfer.md)."""
+
+    cls_protocol: Literal["linear_probe", "finetune"] = Field(
+        default="linear_probe",
+        description="classification sets: a linear probe on frozen features, or a full "
+        "fine-tune of the backbone with a new head (the `finetune` budget, as det/seg)",
+    )
+    probe_level: Literal["C2", "C3", "C4", "C5"] = Field(
+        default="C5", description="the feature level the linear probe reads (pooled)"
+    )
     probe_l2: list[float] = Field(default=[1e-4, 1e-3, 1e-2, 1e-1])
     probe_max_iter: int = Field(default=200, ge=1)
     finetune: TrainConfig = TrainConfig(steps=100)
+    eval_max_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="fine-tuned sets (det, seg, cls fine-tune): score at most this many val "
+        "images; null = the whole val split. The report says where it cuts.",
+    )
+    voc_ap: Literal["all_points", "11_points"] = Field(
+        default="all_points",
+        description="the interpolation of the detection AP50 (PASCAL VOC protocol): the "
+        "area under the curve (VOC2010+) or VOC2007's 11 points",
+    )

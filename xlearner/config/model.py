@@ -33,14 +33,17 @@ class ModelConfig(StrictModel):
 class MIMHeadConfig(StrictModel):
     mask_ratio: float = Field(default=0.6, gt=0, lt=1, description="share of patches masked")
     patch_size: int | None = Field(
-        default=None, ge=1, description="side of a masked patch in pixels; default image_size // 8"
+        default=None,
+        ge=1,
+        le=1024,
+        description="side of a masked patch in pixels; default image_size // 8",
     )
 
 
 class ContrastiveHeadConfig(StrictModel):
-    projection_dim: int = Field(default=128, ge=1)
+    projection_dim: int = Field(default=128, ge=1, le=65_536)
     hidden_dim: int | None = Field(
-        default=None, ge=1, description="projection MLP width; default: the C5 channels"
+        default=None, ge=1, le=65_536, description="projection MLP width; default: the C5 channels"
     )
     temperature: float = Field(default=0.2, gt=0, description="NT-Xent temperature")
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from xlearner.config.base import NAME_PATTERN, StrictModel
-from xlearner.config.data import DownstreamConfig, IngestConfig, SourceConfig, SynthConfig
+from xlearner.config.data import (
+    DownstreamConfig,
+    IngestConfig,
+    SourceConfig,
+    SynthConfig,
+    check_held_out,
+)
 from xlearner.config.infra import RunnerConfig, StoreConfig, TrackingConfig
 from xlearner.config.methods import ReconcileConfig, SqueezeConfig, TransferConfig
 from xlearner.config.model import HeadsConfig, ModelConfig
@@ -27,15 +33,29 @@ class Variant(StrEnum):
     prune = "prune"
     single_task = "single_task"
     no_ssl = "no_ssl"  # X-Learner with the self-supervised tasks left out
+    xlearner_r = "xlearner_r"  # half-width sub-backbones (HalfResNet-50), the same student
+    xlearner_t = "xlearner_t"  # reconciliation receiving the same level only
+
+
+WITHOUT = "without:"  # compare entry `without:<task or source>`: X-Learner with it left out
+CompareEntry = Annotated[Variant | str, Field(union_mode="left_to_right")]
 
 
 class PipelineConfig(StrictModel):
     name: str = Field(default="xlearner", pattern=NAME_PATTERN)
     seed: int = 0
+    seeds: list[int] | None = Field(
+        default=None,
+        description="Train and evaluate every variant once per seed (one store; ingest is "
+        "shared): the report gives means, 95% intervals and the claims table. "
+        "None: once, with `seed`.",
+    )
     variant: Variant = Variant.xlearner
-    compare: list[Variant] = Field(
+    compare: list[CompareEntry] = Field(
         default_factory=list,
-        description="Extra variants trained and evaluated beside `variant` for the report.",
+        description="Extra variants trained and evaluated beside `variant` for the report: "
+        f"{', '.join(v.value for v in Variant)}, or `{WITHOUT}<task or source>` "
+        "(X-Learner with that task or source left out).",
     )
     sources: list[SourceConfig]
     downstream: list[DownstreamConfig] = Field(default_factory=list)
@@ -55,6 +75,32 @@ class PipelineConfig(StrictModel):
     runner: RunnerConfig = RunnerConfig()
     synth: SynthConfig = SynthConfig()
 
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError(
+                "an empty list runs nothing; give at least one seed, e.g. `seeds: [0, 1, 2]`, "
+                "or leave `seeds` out to run once with `seed`"
+            )
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct; got {seeds}")
+        return seeds
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _known_entries(cls, entries: Any) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        choices = [v.value for v in Variant]
+        for entry in entries:
+            if isinstance(entry, str) and entry not in choices and not entry.startswith(WITHOUT):
+                raise ValueError(
+                    f"unknown variant {entry!r}; choose from {choices} "
+                    f"or `{WITHOUT}<task or source>`"
+                )
+        return entries
+
     @model_validator(mode="after")
     def _check_pipeline(self) -> PipelineConfig:
         if not self.sources:
@@ -63,6 +109,7 @@ class PipelineConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique across sources and downstream: {dupes}")
+        check_held_out(self.sources, self.downstream)
         fed = set(self.task_types)
         orphan = sorted(t.value for t in self.tasks if t not in fed)
         if orphan:
@@ -85,29 +132,82 @@ class PipelineConfig(StrictModel):
             )
         if ssl_variants and not set(self.without_ssl().task_types):
             raise ValueError("variant no_ssl: every source feeds only self-supervised tasks")
+        taken = sorted({h.name for h in self.squeeze.hints} & {s.name for s in self.sources})
+        if taken:
+            raise ValueError(
+                f"squeeze.hints: {taken} are source names (xlearner_pp names its single-source "
+                "experts after their sources); rename the hints"
+            )
+        for entry in self.compare:
+            if isinstance(entry, str) and entry.startswith(WITHOUT):
+                self.without(entry.removeprefix(WITHOUT))  # raises naming the fix
         return self
 
-    def without_ssl(self) -> PipelineConfig:
-        """This config minus the self-supervised tasks (and the sources that fed only them)."""
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds a run trains with: ``seeds``, else ``[seed]``."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
-        def supervised(per_task: dict[TaskType, Any]) -> dict[TaskType, Any]:
-            return {t: v for t, v in per_task.items() if t not in SELF_SUPERVISED}
+    def with_seed(self, seed: int) -> PipelineConfig:
+        """This config for one seed of a multi-seed run."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
 
-        sources = []
+    def without(self, name: str) -> PipelineConfig:
+        """This config (as plain X-Learner) with task or source ``name`` left out: a task
+        leaves every source's task list (a source left with none is dropped), a source
+        leaves the sources. Raises ``ValueError`` (naming the compare entry and the fix)
+        for an unknown name or one whose removal would leave a task without a source."""
+        entry = f"compare entry {WITHOUT}{name}"
+        tasks = {t.value for t in self.task_types}
+        sources = {s.name for s in self.sources}
+        if name in tasks and name in sources:
+            raise ValueError(f"{entry}: {name!r} is both a task and a source; rename the source")
+        if name not in tasks | sources:
+            raise ValueError(
+                f"{entry}: {name!r} is neither a task nor a source of this pipeline; "
+                f"tasks: {sorted(tasks)}, sources: {sorted(sources)}"
+            )
+        if name in sources:
+            kept = [s for s in self.sources if s.name != name]
+            fed = {t for s in kept for t in s.resolved_tasks}
+            orphans = sorted(t.value for t in self.task_types if t not in fed)
+            if orphans:
+                raise ValueError(
+                    f"{entry}: {name!r} is the only source of task(s) {orphans}; "
+                    f"use `{WITHOUT}<task>` to leave the task out"
+                )
+            return self._restricted(kept, set(self.task_types))
+        kept_tasks = set(self.task_types) - {TaskType(name)}
+        if not kept_tasks:
+            raise ValueError(f"{entry}: {name!r} is the only task; nothing would be left")
+        kept = []
         for source in self.sources:
-            tasks = [t for t in source.resolved_tasks if t not in SELF_SUPERVISED]
-            if tasks:
-                sources.append(source.model_copy(update={"tasks": tasks}))
-        weights = supervised(self.squeeze.target_weights)
+            remaining = [t for t in source.resolved_tasks if t in kept_tasks]
+            if remaining:
+                kept.append(source.model_copy(update={"tasks": remaining}))
+        return self._restricted(kept, kept_tasks)
+
+    def _restricted(self, sources: list[SourceConfig], tasks: set[TaskType]) -> PipelineConfig:
+        """This config as plain X-Learner over ``sources``, keeping the options of ``tasks``."""
+        weights = {t: w for t, w in self.squeeze.target_weights.items() if t in tasks}
         return self.model_copy(
             update={
                 "sources": sources,
-                "tasks": supervised(self.tasks),
+                "tasks": {t: v for t, v in self.tasks.items() if t in tasks},
                 "squeeze": self.squeeze.model_copy(update={"target_weights": weights}),
                 "variant": Variant.xlearner,
                 "compare": [],
             }
         )
+
+    def without_ssl(self) -> PipelineConfig:
+        """This config minus the self-supervised tasks (and the sources that fed only them)."""
+        sources = []
+        for source in self.sources:
+            tasks = [t for t in source.resolved_tasks if t not in SELF_SUPERVISED]
+            if tasks:
+                sources.append(source.model_copy(update={"tasks": tasks}))
+        return self._restricted(sources, set(self.task_types) - SELF_SUPERVISED)
 
     @property
     def task_types(self) -> list[TaskType]:

@@ -8,23 +8,29 @@ from pydantic import Field, field_validator
 
 from xlearner.config.base import PRETRAINED_HELP, StrictModel, pretrained_file
 
+# Upper bounds that no real run reaches and that keep a typo (1e20 steps, a batch of 1e8
+# images) from starting a run that cannot finish or allocates the machine away.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+
 
 class TrainConfig(StrictModel):
     """Hyper-parameters of one training run (a task's expansion, reconciliation, squeeze)."""
 
-    steps: int = Field(default=200, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    steps: int = Field(default=200, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(default=32, ge=1, le=MAX_BATCH_SIZE, description="images per step")
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    warmup_steps: int = Field(default=10, ge=0)
+    warmup_steps: int = Field(default=10, ge=0, le=MAX_STEPS)
     sampling: Literal["round_robin", "proportional"] = Field(
         default="round_robin",
         description="round_robin: every step takes one batch from each source; "
         "proportional: every step takes one batch from a source drawn by its size.",
     )
-    grad_accum_steps: int = Field(default=1, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
 
 
 class TaskTrainConfig(TrainConfig):
@@ -59,7 +65,7 @@ class EngineConfig(StrictModel):
         "training threads for the same cores (docs/benchmarks.md, data loading)",
     )
     prefetch_factor: int = Field(
-        default=4, ge=1, description="batches each worker loads ahead (with workers only)"
+        default=4, ge=1, le=64, description="batches each worker loads ahead (with workers only)"
     )
     decode: Literal["auto", "cpu", "gpu"] = Field(
         default="cpu",
@@ -67,13 +73,15 @@ class EngineConfig(StrictModel):
         "bytes and the batch is decoded, cropped, flipped and resized on the GPU (nvjpeg); "
         "auto: gpu when CUDA and torchvision's GPU JPEG decoder are available, else cpu",
     )
-    log_every_steps: int = Field(default=20, ge=1)
-    checkpoint_every_steps: int = Field(default=50, ge=1)
-    eval_max_images: int = Field(default=512, ge=1)
+    log_every_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    checkpoint_every_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    eval_max_images: int = Field(default=512, ge=1, le=10_000_000)
 
     @field_validator("num_workers")
     @classmethod
     def _workers(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"must be >= 0 or 'auto', got {value}")
+        if isinstance(value, int) and not 0 <= value <= MAX_WORKERS:
+            raise ValueError(
+                f"must be 0..{MAX_WORKERS} worker processes per stream or 'auto', got {value}"
+            )
         return value

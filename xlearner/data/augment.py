@@ -41,16 +41,24 @@ def view_pixels(view: View, width: int, height: int) -> tuple[float, float, floa
 
 
 def view_boxes(
-    boxes: torch.Tensor, labels: torch.Tensor, view: View, size: int
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    view: View,
+    size: int,
+    difficult: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Boxes given as fractions of the image, in pixels of the ``size`` crop of ``view``;
-    clipped to it, and dropped (with their labels) when left thinner than a pixel."""
+    clipped to it, and dropped (with their labels and ``difficult`` flags, when given)
+    when left thinner than a pixel."""
     x0, y0, x1, y1 = view
     origin = torch.tensor([x0, y0, x0, y0])
     scale = torch.tensor([size / (x1 - x0), size / (y1 - y0)] * 2)
     out = ((boxes - origin) * scale).clamp(0, size)
     keep = (out[:, 2] - out[:, 0] >= MIN_BOX_SIDE) & (out[:, 3] - out[:, 1] >= MIN_BOX_SIDE)
-    return {"boxes": out[keep], "labels": labels[keep]}
+    target = {"boxes": out[keep], "labels": labels[keep]}
+    if difficult is not None:
+        target["difficult"] = difficult[keep]
+    return target
 
 
 def hflip_target(target: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:

@@ -23,6 +23,40 @@ from xlearner.data.source_index import (
 )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A field's value for a message: short arrays of scalars as JSON, else the JSON type."""
+    if (
+        isinstance(value, list)
+        and len(value) <= 8
+        and not any(isinstance(v, list | dict) for v in value)
+    ):
+        return json.dumps(value)
+    if isinstance(value, list | dict):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    return repr(value)
+
+
+def _declared_size(image: dict) -> tuple[float, float] | None | str:
+    """COCO ``width``/``height`` (None when both are absent), or what is wrong with them."""
+    size = (image.get("width"), image.get("height"))
+    if size == (None, None):
+        return None
+    if not all(_is_number(v) and math.isfinite(v) and v > 0 for v in size):
+        return (
+            f"image `width`/`height` must be positive numbers, got "
+            f"{_shown(size[0])}/{_shown(size[1])}"
+        )
+    return size
+
+
 def _coco_list(data: dict, key: str) -> list[dict]:
     value = data.get(key, [] if key == "annotations" else None)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -39,6 +73,10 @@ def index_coco(files: SourceFiles, listing: list[str]) -> SourceIndex:
         data = json.loads(read_text(files, "annotations.json"))
     except json.JSONDecodeError as err:
         raise LayoutError("annotations.json", f"is not valid JSON: {err}") from None
+    except RecursionError:
+        raise LayoutError(
+            "annotations.json", "is nested too deeply to be COCO annotations; check the file"
+        ) from None
     if not isinstance(data, dict):
         raise LayoutError(
             "annotations.json", "top level must be an object with images/annotations/categories"
@@ -46,14 +84,16 @@ def index_coco(files: SourceFiles, listing: list[str]) -> SourceIndex:
     images, annotations, categories = (
         _coco_list(data, k) for k in ("images", "annotations", "categories")
     )
-    try:
-        categories = sorted(categories, key=lambda c: int(c["id"]))
-        category_index = {int(c["id"]): i for i, c in enumerate(categories)}
-        classes = [str(c["name"]) for c in categories]
-    except (KeyError, TypeError, ValueError):
+    bad = [c for c in categories if not (_is_int(c.get("id")) and isinstance(c.get("name"), str))]
+    if bad:
         raise LayoutError(
-            "annotations.json", "every category needs an integer `id` and a `name`"
-        ) from None
+            "annotations.json",
+            f"every category needs an integer `id` and a string `name`; got id "
+            f"{_shown(bad[0].get('id'))}, name {_shown(bad[0].get('name'))}",
+        )
+    categories = sorted(categories, key=lambda c: c["id"])
+    category_index = {c["id"]: i for i, c in enumerate(categories)}
+    classes = [c["name"] for c in categories]
     if len(category_index) != len(categories):
         raise LayoutError("annotations.json", "category ids are not unique")
     problems: list[Problem] = []
@@ -61,19 +101,46 @@ def index_coco(files: SourceFiles, listing: list[str]) -> SourceIndex:
     seen: set[str] = set()
     for image in images:
         file, problem = listed_image(
-            image.get("file_name"), seen, f"annotations.json image id {image.get('id')}"
+            image.get("file_name"), seen, f"annotations.json image id {_shown(image.get('id'))}"
         )
         if problem:
             problems.append(problem)
             continue
-        if "id" not in image or image["id"] in by_id:
-            problems.append(Problem(file, "annotations.json: image `id` missing or not unique"))
+        if not _is_int(image.get("id")):
+            problems.append(
+                Problem(
+                    file,
+                    f"annotations.json: image `id` must be an integer, got "
+                    f"{_shown(image.get('id'))}",
+                )
+            )
             continue
-        size = (image.get("width"), image.get("height"))
-        declared = size if all(isinstance(v, int) for v in size) else None
+        if image["id"] in by_id:
+            problems.append(
+                Problem(file, f"annotations.json: image id {image['id']} is not unique")
+            )
+            continue
+        declared = _declared_size(image)
+        if isinstance(declared, str):
+            problems.append(Problem(file, f"annotations.json: {declared}"))
+            continue
         by_id[image["id"]] = Entry(file, {"boxes": [], "labels": []}, declared_size=declared)
     for ann in annotations:
-        entry = by_id.get(ann.get("image_id"))
+        wrong = [k for k in ("image_id", "category_id") if not _is_int(ann.get(k))]
+        if "id" in ann and not _is_int(ann["id"]):
+            wrong.insert(0, "id")
+        if wrong:
+            problems.append(
+                Problem(
+                    "annotations.json",
+                    f"annotation id {_shown(ann.get('id'))}: "
+                    + ", ".join(
+                        f"`{k}` must be an integer, got {_shown(ann.get(k))}" for k in wrong
+                    ),
+                )
+            )
+            continue
+        entry = by_id.get(ann["image_id"])
         if entry is None:
             problems.append(
                 Problem(
@@ -88,17 +155,16 @@ def index_coco(files: SourceFiles, listing: list[str]) -> SourceIndex:
         category = ann.get("category_id")
         if category not in category_index:
             entry.errors.append(
-                f"annotation id {ann.get('id')}: category_id {category} is not in "
-                f"categories {sorted(category_index)}"
+                f"annotations.json: annotation id {ann.get('id')}: category_id {category} is "
+                f"not in categories {sorted(category_index)}"
             )
             continue
         bbox = ann.get("bbox")
-        if not (
-            isinstance(bbox, list)
-            and len(bbox) == 4
-            and all(isinstance(v, int | float) for v in bbox)
-        ):
-            entry.errors.append(f"annotation id {ann.get('id')}: bbox must be [x, y, w, h]")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            entry.errors.append(
+                f"annotations.json: annotation id {ann.get('id')}: bbox must be [x, y, w, h] "
+                f"numbers, got {_shown(bbox)}"
+            )
             continue
         x, y, w, h = (float(v) for v in bbox)
         entry.label["boxes"].append([x, y, x + w, y + h])
@@ -107,7 +173,7 @@ def index_coco(files: SourceFiles, listing: list[str]) -> SourceIndex:
     return SourceIndex(classes, list(by_id.values()), problems)
 
 
-def _check_boxes(boxes: list[list[float]], width: int, height: int) -> list[str]:
+def check_boxes(boxes: list[list[float]], width: int, height: int) -> list[str]:
     errors = []
     for x1, y1, x2, y2 in boxes:
         box = f"box [x={x1:g}, y={y1:g}, w={x2 - x1:g}, h={y2 - y1:g}]"
@@ -125,7 +191,7 @@ def check_coco_record(entry: Entry, width: int, height: int) -> list[str]:
     errors = []
     if entry.declared_size and entry.declared_size != (width, height):
         errors.append(
-            f"annotations.json says {entry.declared_size[0]}x{entry.declared_size[1]}, "
+            f"annotations.json says {entry.declared_size[0]:g}x{entry.declared_size[1]:g}, "
             f"the image is {width}x{height}"
         )
-    return errors + _check_boxes(entry.label["boxes"], width, height)
+    return errors + check_boxes(entry.label["boxes"], width, height)

@@ -1,4 +1,4 @@
-"""Readers of the five source formats (see docs/data.md).
+"""Readers of the five source formats and the public data-set layouts (see docs/data.md).
 
 A reader first builds an *index* of the source from its folder listing and metadata
 files (labels.csv, classes.txt; the det format's annotations.json is read in
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from xlearner.data.coco import check_coco_record, index_coco
+from xlearner.data.images import read_image
+from xlearner.data.list_cls import index_csv_cls, split_folders
 from xlearner.data.source_files import Problem, SourceError, SourceFiles, open_source_files
 from xlearner.data.source_index import (
     Entry,
@@ -40,10 +42,9 @@ from xlearner.data.source_index import (
     read_text,
     unlisted,
 )
+from xlearner.data.voc import check_voc_record, index_voc_det, index_voc_seg
 from xlearner.store import StoreError
-from xlearner.tasks import IGNORE_INDEX, SourceFormat
-
-PIL_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+from xlearner.tasks import IGNORE_INDEX, SourceFormat, label_format
 
 SKIP_HINT = (
     "fix these files, or set `skip_invalid: true` on the source to leave the bad records out"
@@ -52,7 +53,7 @@ SKIP_HINT = (
 
 @dataclass
 class Record:
-    """One validated sample: the original encoded bytes and a JSON-able label payload.
+    """One validated sample: its encoded bytes and a JSON-able label payload.
 
     ``label`` by format: cls ``{"label": i}``; multilabel ``{"labels": [i, ...]}``;
     det ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [i, ...]}`` in pixels of the
@@ -62,34 +63,39 @@ class Record:
 
     file: str
     label: dict[str, Any]
-    data: bytes
+    data: bytes  # the file's bytes, or normalised (:mod:`xlearner.data.images`)
     image_format: str  # "jpg" or "png", from the content (not the file name)
     width: int
     height: int
     mask: bytes | None = None
     sha256: str = ""  # of ``data``
+    file_sha256: str = ""  # of the source file (``data`` differs where it was normalised)
+    split: str | None = None  # "train" / "val" when the layout fixes it (Entry.split)
 
 
 def _index_cls(files: SourceFiles, listing: list[str]) -> SourceIndex:
     problems: list[Problem] = []
     pinned = read_classes(files) if "classes.txt" in listing else None
     by_class: dict[str, list[str]] = {}
+    split = split_folders(listing)  # train/<class>/..., val/<class>/... (ImageNet-style)
     for rel in listing:
         if rel == "classes.txt":
             continue
-        if "/" not in rel:
+        parts = rel.split("/")
+        if len(parts) < 2 + split:
+            where = "<root>/{train,val}/<class>/" if split else "<root>/<class>/"
             problems.append(
-                Problem(rel, "stray file at the source root; images go in <root>/<class>/")
+                Problem(rel, f"stray file outside the class folders; images go in {where}")
             )
             continue
-        by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
+        by_class.setdefault(parts[split], []).append(rel)
     if pinned is not None:
         for folder in sorted(set(by_class) - set(pinned)):
             problems.append(Problem(folder, f"unknown class folder: not in classes.txt {pinned}"))
     classes = pinned if pinned is not None else sorted(by_class)
     index = {name: i for i, name in enumerate(classes)}
     entries = [
-        Entry(rel, {"label": index[folder]})
+        Entry(rel, {"label": index[folder]}, split=rel.split("/", 1)[0] if split else None)
         for folder, rels in sorted(by_class.items())
         if folder in index
         for rel in rels
@@ -176,28 +182,15 @@ INDEXERS = {
     SourceFormat.det: index_coco,
     SourceFormat.seg: _index_seg,
     SourceFormat.unlabeled: _index_unlabeled,
+    SourceFormat.voc_det: index_voc_det,
+    SourceFormat.voc_seg: index_voc_seg,
+    SourceFormat.csv_cls: index_csv_cls,
 }
+RECORD_CHECKS = {SourceFormat.det: check_coco_record, SourceFormat.voc_det: check_voc_record}
+"""Checks of a record's labels against its decoded image (declared size, boxes)."""
 
 
 # ---------------------------------------------------------------- validation
-
-
-def decode_image(data: bytes) -> tuple[str, int, int]:
-    """Decode ``data`` completely (a truncated file fails here); returns (format, w, h)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError("not an image file PIL can identify") from None
-    with image:
-        if image.format not in PIL_FORMATS:
-            raise ValueError(f"is {image.format}, not JPEG or PNG")
-        width, height = image.size
-        if image.format == "JPEG":
-            # DCT scaling: every coded byte is still decoded (truncation is still caught),
-            # but the inverse transform runs at 1/8 size, which makes validation cheap.
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-        image.load()
-        return PIL_FORMATS[image.format], width, height
 
 
 def _check_mask(
@@ -223,6 +216,21 @@ def _check_mask(
     return [int(v) for v in values if v < num_classes], []
 
 
+METADATA_FILES = {SourceFormat.multilabel: "labels.csv", SourceFormat.det: "annotations.json"}
+
+
+def _listed_but_missing(format: SourceFormat, entries: list[Entry]) -> list[Problem]:
+    listed_in = METADATA_FILES.get(format, "the source's metadata")
+    return [
+        Problem(
+            e.file,
+            f"listed in {listed_in} but missing: no such file in the source; "
+            "add the file or remove its entry",
+        )
+        for e in entries
+    ]
+
+
 class SourceReader:
     """Reads and validates one source. ``records()`` streams; ``read()`` collects."""
 
@@ -244,9 +252,13 @@ class SourceReader:
             raise SourceError(
                 uri, [fatal.problem, *problems], "fix the source's layout (see docs/data.md)"
             ) from None
+        present = set(listing)
+        missing = [e for e in index.entries if e.file not in present]
         self.classes = index.classes
-        self.entries = index.entries
-        self.problems: list[Problem] = problems + index.problems
+        self.entries = [e for e in index.entries if e.file in present]
+        self.problems: list[Problem] = (
+            problems + index.problems + _listed_but_missing(self.format, missing)
+        )
         if not self.entries and not self.problems:
             raise SourceError(
                 uri,
@@ -259,18 +271,20 @@ class SourceReader:
         except (OSError, StoreError) as err:
             return [Problem(entry.file, f"unreadable file: {err}")]
         try:
-            image_format, width, height = decode_image(data)
+            image = read_image(data)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
             return [Problem(entry.file, f"corrupt or truncated image: {err}")]
+        width, height = image.width, image.height
         label = dict(entry.label)
         errors = list(entry.errors)
         mask = None
-        if self.format == SourceFormat.det:
-            errors += check_coco_record(entry, width, height)
-        elif self.format == SourceFormat.seg:
+        if self.format in RECORD_CHECKS:
+            errors += RECORD_CHECKS[self.format](entry, width, height)
+        elif label_format(self.format) == SourceFormat.seg:
             try:
                 mask = self.files.read(entry.mask_file)
                 present, mask_errors = _check_mask(mask, len(self.classes), width, height)
+                mask_errors = [f"{entry.mask_file}: {e}" for e in mask_errors]
             except Exception as err:  # noqa: BLE001
                 present, mask_errors = [], [f"unreadable or corrupt mask {entry.mask_file}: {err}"]
             label["classes"] = present
@@ -280,12 +294,14 @@ class SourceReader:
         return Record(
             entry.file,
             label,
-            data,
-            image_format,
+            image.data,
+            image.format,
             width,
             height,
             mask,
-            hashlib.sha256(data).hexdigest(),
+            sha256=hashlib.sha256(image.data).hexdigest(),
+            file_sha256=hashlib.sha256(data).hexdigest(),
+            split=entry.split,
         )
 
     def records(self, skip_invalid: bool = False) -> Iterator[Record]:

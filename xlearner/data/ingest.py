@@ -9,13 +9,17 @@ last: its presence means the version is complete. An existing manifest makes the
 ingest a no-op.
 
 Shards are WebDataset-style tars (``train-000000.tar``, ...): per sample
-``<key>.<jpg|png>`` (the original encoded bytes, or re-encoded smaller with
+``<key>.<jpg|png>`` (the original encoded bytes; re-encoded where
+:mod:`xlearner.data.images` normalised them (EXIF orientation, 16 bit), or smaller with
 ``max_side`` / ``image_size``), ``<key>.json`` (the label record) and, for
-segmentation, ``<key>.mask.png``.
+segmentation, ``<key>.mask.png``. Beside them, ``files.sha256`` lists the sha256 of every
+source file (the manifest records its own sha256): what
+:mod:`xlearner.data.held_out` compares to keep the downstream sets held out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,15 +35,17 @@ from PIL import Image
 
 from xlearner.config import DownstreamConfig, IngestConfig, SourceConfig
 from xlearner.data.formats import Record, SourceReader
-from xlearner.data.manifest import MANIFEST_FORMAT
+from xlearner.data.manifest import MANIFEST_FORMAT, seal
+from xlearner.integrity import source_damage
 from xlearner.progress import Progress
 from xlearner.store import ArtifactStore, S3Store, join
 from xlearner.store_keys import manifest_key, source_latest, source_prefix
-from xlearner.tasks import SourceFormat
+from xlearner.tasks import SourceFormat, label_format
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+FILE_HASHES = "files.sha256"  # per source file: "<sha256>  <file>", sorted (sha256sum's format)
 PROGRESS_EVERY_S = 5.0
 
 
@@ -95,7 +101,9 @@ def downscale(record: Record, image_size: int | None = None, max_side: int | Non
         sx, sy = size[0] / record.width, size[1] / record.height
         label["boxes"] = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in label["boxes"]]
     sha = hashlib.sha256(data).hexdigest()
-    return Record(record.file, label, data, record.image_format, size[0], size[1], mask, sha)
+    return dataclasses.replace(  # keeps the file's hash and the layout's split
+        record, label=label, data=data, width=size[0], height=size[1], mask=mask, sha256=sha
+    )
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -198,6 +206,8 @@ def ingest_source(
     num_classes = len(reader.classes)
     counts = {s: [0] * num_classes for s in SPLITS}
     progress = Progress(len(reader.entries), clock=time.monotonic)
+    layout_split = False  # whether the source's own lists or folders fixed the split
+    hash_lines: list[str] = []  # "<sha256 of the source file>  <file>" (the held-out check)
     log(
         f"ingest {source.name}: {len(reader.entries)} images "
         f"from {source.uri} ({source.format.value})"
@@ -208,7 +218,8 @@ def ingest_source(
         for record in reader.records(skip_invalid):
             if image_size is not None or max_side is not None:
                 record = downscale(record, image_size, max_side)
-            split = split_of(record.file, source.val_fraction, source.split_seed)
+            split = record.split or split_of(record.file, source.val_fraction, source.split_seed)
+            layout_split = layout_split or record.split is not None
             label_json = json.dumps(
                 {
                     "file": record.file,
@@ -219,11 +230,14 @@ def ingest_source(
                 sort_keys=True,
             ).encode()
             content.update(f"{record.file}\0{record.sha256}\0".encode())
+            hash_lines.append(f"{record.file_sha256}  {record.file}\n")
+            if record.split is not None:  # the layout's split lists are part of the version
+                content.update(f"split={record.split}\0".encode())
             if record.mask is not None:
                 content.update(hashlib.sha256(record.mask).hexdigest().encode())
             content.update(label_json + b"\n")
             writers[split].write(record, label_json)
-            for c in class_counts(source.format, record.label):
+            for c in class_counts(label_format(source.format), record.label):
                 counts[split][c] += 1
             progress.update(items=1, nbytes=len(record.data))
             if progress.due(PROGRESS_EVERY_S):
@@ -234,8 +248,13 @@ def ingest_source(
         prefix = source_prefix(source.name, version)
         key = manifest_key(source.name, version)
         if store.exists(key):
-            log(f"ingest {source.name}: version {version} is already published; nothing to do")
-            return store.read_json(key)
+            if not (damage := source_damage(store, key)):
+                log(f"ingest {source.name}: version {version} is already published; nothing to do")
+                return store.read_json(key)
+            log(
+                f"ingest {source.name}: version {version} is damaged, publishing it again: "
+                + "; ".join(map(str, damage))
+            )
         for split in SPLITS:
             if not shards[split]:
                 log(f"ingest {source.name}: warning: the {split} split is empty")
@@ -243,16 +262,20 @@ def ingest_source(
                 shard["sha256"] = store.upload_file(
                     join(prefix, shard["file"]), Path(staging) / shard["file"]
                 )
+    hashes_sha256 = store.write_bytes(
+        join(prefix, FILE_HASHES), "".join(sorted(hash_lines)).encode()
+    )
     manifest = {
         "format_version": MANIFEST_FORMAT,
         "name": source.name,
-        "format": source.format.value,
+        "format": label_format(source.format).value,
         "source_uri": source.uri,
         "version": version,
         "content_hash": content_hash,
         "classes": reader.classes,
         "num_classes": num_classes,
-        "split": {"val_fraction": source.val_fraction, "seed": source.split_seed},
+        "split": {"val_fraction": source.val_fraction, "seed": source.split_seed}
+        | ({"by": "layout"} if layout_split else {}),
         "image_size": image_size,
         "max_side": max_side,
         "splits": {
@@ -265,8 +288,12 @@ def ingest_source(
             for s in SPLITS
         },
         "skipped": [{"file": p.file, "message": p.message} for p in reader.problems],
+        "file_hashes": {"file": FILE_HASHES, "sha256": hashes_sha256},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if source.format != label_format(source.format):
+        manifest["layout"] = source.format.value  # e.g. voc_det, ingested as det
+    manifest = seal(manifest)  # a later edit is refused where it is read
     store.write_json(key, manifest)  # last: its presence = published
     store.write_json(source_latest(source.name), {"version": version, "manifest": key})
     log(

@@ -5,11 +5,18 @@ record count and bytes; the class list and per-split class counts; the content h
 data + labels (``version`` = its first 16 hex digits) and the skipped records. Readers
 validate it with :class:`Manifest` (:func:`xlearner.data.shards.load_manifest`); fields
 a newer writer adds are kept.
+
+Ingest seals the manifest (:func:`seal`): ``seal`` holds the sha256 of each other field,
+so a manifest edited after ingest (its class list, a shard's hash) is refused naming the
+field that changed (:func:`seal_problems`) instead of training on labels that no longer
+match the shards.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -79,3 +86,46 @@ class Manifest(_Part):
                     f"not one per class ({self.num_classes})"
                 )
         return self
+
+
+SEAL = "seal"
+REINGEST = (
+    "re-ingest the source: xlearner run publishes the version again "
+    "(or delete the version's folder and run xlearner stage ingest)"
+)
+
+
+def _field_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its :data:`SEAL`: the sha256 of each other field's JSON."""
+    fields = {k: _field_sha256(v) for k, v in manifest.items() if k != SEAL}
+    return {**manifest, SEAL: fields}
+
+
+def seal_problems(manifest: dict[str, Any], key: str) -> list[str]:
+    """How the published ``manifest`` at store ``key`` differs from what ingest sealed:
+    each edited, added or removed field, a version that is not its content hash's or not
+    its folder's; empty when it is intact."""
+    sealed = manifest.get(SEAL)
+    if not isinstance(sealed, dict):
+        return [f"field {SEAL!r} is missing (not written by this ingest, or edited); {REINGEST}"]
+    fields = {k for k in manifest if k != SEAL}
+    changed = sorted(
+        k for k in fields | set(sealed) if sealed.get(k) != _field_sha256(manifest.get(k))
+    )
+    problems = [
+        f"field {k!r} was {'removed' if k not in manifest else 'edited'} after ingest "
+        f"(it no longer matches its {SEAL!r}: the shards' labels were written for the "
+        f"sealed one); {REINGEST}"
+        for k in changed
+    ]
+    version, content_hash = manifest.get("version"), manifest.get("content_hash")
+    if not isinstance(content_hash, str) or version != content_hash[:16]:
+        problems.append(f"field 'version' {version!r} is not the start of its content_hash")
+    folder = key.rpartition("/")[0].rpartition("/")[2]
+    if folder and folder != version:
+        problems.append(f"field 'version' {version!r} is not its folder's name {folder!r}")
+    return problems

@@ -38,9 +38,9 @@ from xlearner.data.augment import (
 )
 from xlearner.data.decode import EncodedBatch, EncodedImage
 from xlearner.data.ingest import MANIFEST_FORMAT, SPLITS
-from xlearner.data.manifest import Manifest
+from xlearner.data.manifest import Manifest, seal_problems
 from xlearner.store import ArtifactNotFound, StoreError, join, resolve
-from xlearner.tasks import SourceFormat
+from xlearner.tasks import SourceFormat, label_format
 
 IMAGE_MEMBERS = ("jpg", "png")
 
@@ -83,6 +83,8 @@ def load_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
         raise ManifestError(
             f"manifest {uri} is malformed ({problems}); re-ingest the source"
         ) from None
+    if problems := seal_problems(manifest, uri):
+        raise ManifestError(f"manifest {uri}: " + "; ".join(problems))
     return manifest
 
 
@@ -262,7 +264,12 @@ class ShardDataset(Dataset):
         if self.format == SourceFormat.det:
             boxes = torch.tensor(label["boxes"], dtype=torch.float32).reshape(-1, 4)
             labels = torch.tensor(label["labels"], dtype=torch.int64)
-            return view_boxes(boxes / torch.tensor([width, height] * 2), labels, view, size)
+            difficult = label.get("difficult")  # voc_det: kept for the VOC AP50
+            if difficult is not None:
+                difficult = torch.tensor(difficult, dtype=torch.bool)
+            return view_boxes(
+                boxes / torch.tensor([width, height] * 2), labels, view, size, difficult
+            )
         if self.format == SourceFormat.seg:
             with Image.open(io.BytesIO(mask_bytes)) as mask:
                 resized = mask.resize(
@@ -294,4 +301,4 @@ def _collate_listed(
 
 def collate_fn(format: SourceFormat | str) -> Callable:
     """The batch collation of a format: stacked targets, or a list of dicts for det."""
-    return _collate_listed if SourceFormat(format) == SourceFormat.det else _collate_stacked
+    return _collate_listed if label_format(format) == SourceFormat.det else _collate_stacked

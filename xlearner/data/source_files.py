@@ -63,6 +63,16 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def dangling_link(path: str) -> str | None:
+    """What is wrong with ``path`` if it is a symlink whose target does not exist."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (
+            f"dangling symlink to {os.readlink(path)} (the target does not exist); "
+            "restore the target or remove the link"
+        )
+    return None
+
+
 class LocalFiles(SourceFiles):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -92,7 +102,9 @@ class LocalFiles(SourceFiles):
                 if name.startswith("."):
                     continue
                 rel = posixpath.join(rel_dir, name) if rel_dir else name
-                if not self._inside(os.path.join(dirpath, name)):
+                if problem := dangling_link(os.path.join(dirpath, name)):
+                    problems.append(Problem(rel, problem))
+                elif not self._inside(os.path.join(dirpath, name)):
                     problems.append(Problem(rel, "symlink points outside the source root"))
                 else:
                     files.append(rel)

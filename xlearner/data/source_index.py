@@ -21,7 +21,9 @@ class Entry:
     file: str
     label: dict[str, Any] = field(default_factory=dict)
     mask_file: str | None = None
-    declared_size: tuple[int, int] | None = None  # COCO width/height
+    declared_size: tuple[float, float] | None = None  # COCO width/height (may be floats)
+    label_file: str | None = None  # a per-image annotation file (VOC's Annotations/<id>.xml)
+    split: str | None = None  # "train" / "val" when the layout fixes the split, else None
     errors: list[str] = field(default_factory=list)  # label problems found by the index
 
 

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from xlearner import tracking
 from xlearner.checkpoint import Checkpointer
 from xlearner.config import PipelineConfig
+from xlearner.config.methods import HintCheckpoint
 from xlearner.loaders import Stream
 from xlearner.models.backbone import Backbone, count_parameters
 from xlearner.models.loading import load_backbone
 from xlearner.models.multitask import MultiTaskModel, load_model
+from xlearner.models.pretrained import init_from_pretrained
 from xlearner.models.pruned import (
     PRUNED_ARCHITECTURE,
     PrunedReconciledBackbone,
@@ -121,6 +123,7 @@ class SqueezeJob:
                 cfg.squeeze,
                 cfg.engine,
                 hints=self.hints,
+                hint_weight=cfg.squeeze.hint_weight,
                 **common,
             )
         else:
@@ -147,8 +150,17 @@ def squeeze_job(
     hints: dict[str, str] | None = None,
 ) -> SqueezeJob:
     """The squeeze stage's work: the teacher (see :func:`open_teacher`) on every source,
-    with the hint backbones (NAME -> URI, X-Learner++)."""
+    with the hint backbones (NAME -> URI, X-Learner++) and ``squeeze.hints`` (files)."""
     streams = load_streams(cfg, manifests)
     model = open_teacher(cfg, streams, teacher, sub_models)
     opened = {name: load_backbone(fetch_dir(uri)) for name, uri in (hints or {}).items()}
+    opened |= {hint.name: hint_backbone(cfg, hint) for hint in cfg.squeeze.hints}
     return SqueezeJob(cfg, model, streams, opened)
+
+
+def hint_backbone(cfg: PipelineConfig, hint: HintCheckpoint) -> Backbone:
+    """An external hint: its architecture (default ``model.backbone``) from its weight
+    file, loaded strictly and without pickles (:mod:`xlearner.models.pretrained`)."""
+    backbone = create_backbone(hint.backbone or cfg.model.backbone)
+    init_from_pretrained(backbone, hint.path)
+    return backbone.eval()

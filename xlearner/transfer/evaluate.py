@@ -1,8 +1,11 @@
 """Every backbone on every downstream data set: the rows of the comparison report.
 
-Classification: a linear probe on frozen, pooled C5 features (L-BFGS, L2 chosen on a
-split of the train set). Detection and segmentation: fine-tune a fresh head. The same
-protocol and seed for every backbone; one report row per backbone.
+Classification: a linear probe on frozen, pooled features (``transfer.probe_level``,
+C5 by default; L-BFGS, L2 chosen on a split of the train set), or with
+``transfer.cls_protocol: finetune`` a full fine-tune like detection and segmentation,
+which fine-tune a fresh head (detection scored by COCO mAP and the PASCAL VOC AP50).
+The same protocol and seed for every backbone; one report row per backbone
+(docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from xlearner.models.backbone import count_parameters
 from xlearner.models.loading import load_backbone
 from xlearner.models.registry import create_backbone
 from xlearner.outputs import StageOutput, fetch_dir
+from xlearner.tasks import label_format
 from xlearner.transfer.finetune import finetune_score
 from xlearner.transfer.probe import probe_top1
 from xlearner.transfer.report import build_report, write_report
@@ -54,22 +58,38 @@ class TransferEvaluation:
             "cls": {},
             "det": {},
             "seg": {},
+            "ap50": {},
+            "eval_images": {},
             "parameters": count_parameters(backbone),
             "train_images": self.train_images.get(name),
         }
         for ds_name, manifest in self.downstream.items():
             fmt = self.formats[ds_name]
-            if fmt == "cls":
+            if fmt == "cls" and self.cfg.transfer.cls_protocol == "linear_probe":
                 row["cls"][ds_name] = probe_top1(backbone, manifest, ds_name, self.cfg, self.device)
-            else:
-                row[fmt][ds_name] = finetune_score(
-                    backbone, manifest, fmt, self.cfg, f"{name}-{ds_name}"
-                )
+                continue
+            score = finetune_score(backbone, manifest, fmt, self.cfg, f"{name}-{ds_name}")
+            row[fmt][ds_name] = score.score
+            if score.ap50 is not None:
+                row["ap50"][ds_name] = score.ap50
+            row["eval_images"][ds_name] = [score.evaluated, score.val_images]
         return row
+
+    @property
+    def protocol(self) -> dict[str, str]:
+        """How each task is measured, in words (the notes under the report's table)."""
+        transfer = self.cfg.transfer
+        cls = (
+            f"linear-probe ({transfer.probe_level})"
+            if transfer.cls_protocol == "linear_probe"
+            else f"fine-tune (steps: {transfer.finetune.steps})"
+        )
+        return {"cls": cls, "ap50": transfer.voc_ap.replace("_", " ")}
 
     def run(self, tracker: tracking.StageTracker) -> dict:
         """The report (:func:`~xlearner.transfer.report.build_report`); logs its metrics."""
-        report = build_report([self.row(name, b) for name, b in self.backbones.items()])
+        rows = [self.row(name, b) for name, b in self.backbones.items()]
+        report = build_report(rows, self.protocol)
         for row in report["rows"]:
             metrics = {
                 f"transfer/{row['name']}/{k}": v for k, v in row.items() if isinstance(v, float)
@@ -87,7 +107,7 @@ def transfer_evaluation(
     """Check the downstream sets against the config and open the backbones (NAME -> URI
     or ``random:<architecture>``) on the engine's device."""
     images = {k: int(v) for k, v in (train_images or {}).items()}
-    formats = {d.name: d.format.value for d in cfg.downstream}
+    formats = {d.name: label_format(d.format).value for d in cfg.downstream}
     unknown = sorted(set(downstream) - set(formats))
     if unknown:
         raise ValueError(

@@ -25,6 +25,7 @@ from xlearner.data.shards import ShardDataset, collate_fn
 logger = logging.getLogger("xlearner.transfer")
 
 LEVEL_NAMES = {1: "C2", 2: "C3", 3: "C4", 4: "C5"}
+LEVEL_OF_NAME = {name: level for level, name in LEVEL_NAMES.items()}
 PROGRESS_EVERY_S = 10.0
 
 
@@ -387,7 +388,8 @@ def probe_top1(
     cfg: PipelineConfig,
     device: torch.device | str,
 ) -> float:
-    """Linear-probe top-1 (percent) of ``backbone`` on the downstream source ``name``."""
+    """Linear-probe top-1 (percent) of ``backbone`` on the downstream source ``name``, on the
+    pooled features of ``transfer.probe_level`` (C5 by default)."""
     loaders = []
     for split in ("train", "val"):
         ds = ShardDataset(manifest_uri, split, cfg.model.image_size)
@@ -395,8 +397,9 @@ def probe_top1(
             torch.utils.data.DataLoader(ds, batch_size=FEATURE_BATCH, collate_fn=collate_fn("cls"))
         )
         num_classes = ds.num_classes
-    train_x, train_y = extract_features(backbone, loaders[0], device)
-    val_x, val_y = extract_features(backbone, loaders[1], device)
+    level = LEVEL_OF_NAME[cfg.transfer.probe_level]
+    train_x, train_y = extract_features(backbone, loaders[0], device, level)
+    val_x, val_y = extract_features(backbone, loaders[1], device, level)
     try:
         result = fit_linear_probe(
             train_x,

@@ -27,7 +27,7 @@ from xlearner.store import atomic_write
 
 REPORT_FORMAT = "xlearner-report/1"
 TASKS = ("cls", "det", "seg")
-ROW_KEYS = {"name", *TASKS, "parameters", "train_images"}
+ROW_KEYS = {"name", *TASKS, "parameters", "train_images", "ap50", "eval_images"}
 MISSING = "-"
 # Summary metrics: report key -> label (table columns, chart legend).
 SUMMARIES = {"avg_cls": "AVG Cls", "det_map": "Det mAP", "seg_miou": "Seg mIoU"}
@@ -43,6 +43,9 @@ class ReportRow(BaseModel):
     cls: dict[str, float | None] = Field(default_factory=dict)  # dataset -> linear-probe top-1
     det: dict[str, float | None] = Field(default_factory=dict)  # dataset -> box mAP
     seg: dict[str, float | None] = Field(default_factory=dict)  # dataset -> mIoU
+    ap50: dict[str, float | None] = Field(default_factory=dict)  # det dataset -> VOC AP50
+    # fine-tuned dataset -> [val images scored, val images]: less when transfer.eval_max_images cuts
+    eval_images: dict[str, tuple[int, int]] = Field(default_factory=dict)
     parameters: int | None = None
     train_images: int | None = None
 
@@ -53,7 +56,7 @@ class ReportRow(BaseModel):
             raise ValueError("'name' must be a non-empty string")
         return value
 
-    @field_validator(*TASKS, mode="before")
+    @field_validator(*TASKS, "ap50", mode="before")
     @classmethod
     def _metrics(cls, metrics: Any, info: ValidationInfo) -> dict[str, float | None]:
         task = info.field_name
@@ -76,6 +79,22 @@ class ReportRow(BaseModel):
                 )
             checked[dataset] = float(value)
         return checked
+
+    @field_validator("eval_images", mode="before")
+    @classmethod
+    def _eval_images(cls, counts: Any) -> dict[str, tuple[int, int]]:
+        counts = counts or {}
+        if not isinstance(counts, dict) or not all(
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
+            and 0 <= v[0] <= v[1]
+            for v in counts.values()
+        ):
+            raise ValueError(
+                f"'eval_images' must map dataset -> [scored, val images]; got {counts!r}"
+            )
+        return {d: (v[0], v[1]) for d, v in counts.items()}
 
     @field_validator("parameters", "train_images", mode="before")
     @classmethod
@@ -109,12 +128,14 @@ def _summary(values: dict[str, float | None], datasets: list[str]) -> float | No
     return fmean(values[d] for d in datasets)
 
 
-def build_report(rows: list[dict | ReportRow]) -> dict:
+def build_report(rows: list[dict | ReportRow], protocol: dict[str, str] | None = None) -> dict:
     """Validate the rows and add per-task summaries (``avg_cls``, ``det_map``, ``seg_miou``).
 
     A summary averages over every data set of that task in the report, so it is only
     given (otherwise ``None``) for a row measured on all of them: an average over a
-    different subset would not be comparable between rows.
+    different subset would not be comparable between rows. ``det_ap50`` averages the
+    rows' ``ap50`` the same way. ``protocol``: how each task was measured, in words
+    (``{"cls": "linear probe on C5"}``), for the notes under the table.
     """
     if not isinstance(rows, list) or not rows:
         raise ValueError("build_report needs a non-empty list of row dicts")
@@ -142,10 +163,12 @@ def build_report(rows: list[dict | ReportRow]) -> dict:
     for row in checked:
         for task in TASKS:
             row[SUMMARY_OF_TASK[task]] = _summary(row[task], datasets[task])
-    return {"format": REPORT_FORMAT, "datasets": datasets, "rows": checked}
+        row["det_ap50"] = _summary(row["ap50"], datasets["det"])
+    report = {"format": REPORT_FORMAT, "datasets": datasets, "rows": checked}
+    return report | ({"protocol": dict(protocol)} if protocol else {})
 
 
-def _check_report(report: dict) -> None:
+def check_report(report: dict) -> None:
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise ValueError(f"not a report from build_report (expected format {REPORT_FORMAT!r})")
 
@@ -174,6 +197,8 @@ def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
         label = SUMMARIES[SUMMARY_OF_TASK[task]]
         per_dataset = [(f"{label} ({d})", metric(task, d)) for d in datasets[task]]
         columns += per_dataset or [(label, lambda row: MISSING)]
+        if task == "det" and any(row.get("ap50") for row in report["rows"]):
+            columns += [(f"Det AP50 ({d})", metric("ap50", d)) for d in datasets["det"]]
     columns.append(("Params (M)", lambda row: _cell(row["parameters"], lambda n: f"{n / 1e6:.2f}")))
     columns.append(("Train images", lambda row: _cell(row["train_images"], "{:,}".format)))
     return columns
@@ -181,14 +206,19 @@ def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
 
 def format_table(report: dict) -> str:
     """The report as a markdown table, padded so it also reads as plain text."""
-    _check_report(report)
+    check_report(report)
     columns = _columns(report)
     cells = [[header for header, _ in columns]]
     cells += [[cell(row) for _, cell in columns] for row in report["rows"]]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return markdown_table(cells)
+
+
+def markdown_table(cells: list[list[str]]) -> str:
+    """Header + rows as a padded markdown table: the first column left-aligned, the
+    others (numbers) right-aligned, also in the markdown rule."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
 
     def line(values: list[str]) -> str:
-        # Method left-aligned, numbers right-aligned (also in the markdown rule below).
         padded = [values[0].ljust(widths[0])] + [
             v.rjust(w) for v, w in zip(values[1:], widths[1:], strict=True)
         ]
@@ -198,12 +228,33 @@ def format_table(report: dict) -> str:
     return "\n".join([line(cells[0]), rule, *(line(values) for values in cells[1:])])
 
 
+def _cuts(report: dict) -> dict[str, tuple[int, int]]:
+    """Data sets scored on part of their val split: dataset -> (scored, val images)."""
+    cuts: dict[str, tuple[int, int]] = {}
+    for row in report["rows"]:
+        for dataset, (scored, total) in row.get("eval_images", {}).items():
+            if scored < total:
+                cuts[dataset] = (scored, total)
+    return cuts
+
+
 def _markdown(report: dict) -> str:
     cls_sets = report["datasets"]["cls"]
+    protocol = report.get("protocol", {})
+    cls_protocol = protocol.get("cls", "linear-probe")
     notes = [
-        f"AVG Cls: mean linear-probe top-1 over the {len(cls_sets)} classification "
+        f"AVG Cls: mean {cls_protocol} top-1 over the {len(cls_sets)} classification "
         "data set(s); Det: COCO-style box mAP; Seg: mIoU; all in percent.",
         f"`{MISSING}`: not measured (an average needs every data set of its task).",
+    ]
+    if any(row.get("ap50") for row in report["rows"]):
+        interpolation = f", {protocol['ap50']}" if "ap50" in protocol else ""
+        notes.append(
+            f"Det AP50: the PASCAL VOC AP at IoU 0.5{interpolation}, difficult boxes left out."
+        )
+    notes += [
+        f"{dataset}: scored on {scored:,} of its {total:,} val images (`transfer.eval_max_images`)."
+        for dataset, (scored, total) in _cuts(report).items()
     ]
     return (
         "# Transfer comparison\n\n"
@@ -255,7 +306,7 @@ def _chart(report: dict) -> Figure:
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into the folder ``out_dir``."""
-    _check_report(report)
+    check_report(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"report.{kind}" for kind in ("json", "md", "png")}
