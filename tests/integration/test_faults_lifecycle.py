@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -201,6 +202,7 @@ def out_uri(request, tmp_path, monkeypatch) -> str:
     server = request.getfixturevalue("s3_server")
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the first credentials seen
     return server.uri(f"t-{uuid.uuid4().hex[:8]}/runs/expand/k1")
 
 
@@ -243,7 +245,9 @@ def test_a_killed_writer_leaves_a_lease_that_can_be_taken(out_uri):
                 time.sleep(300)
         finally:
             os._exit(1)
-    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_w)  # the child's end only: a child that dies early gives EOF, not a hang
+    assert select.select([ready_r], [], [], 60)[0], "the lease-holding child did not start"
+    assert os.read(ready_r, 1) == b"1", "the lease-holding child failed before taking it"
     with pytest.raises(LeaseHeld, match=f"pid {pid} "), output_lease(out_uri, wait_s=0):
         pass
     os.kill(pid, signal.SIGKILL)
