@@ -57,6 +57,8 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
         for key, value in stack.env().items():
             mp.setenv(key, value)
         mp.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the first credentials it saw
+        # tiny stages last seconds: sample system metrics each second (MLflow's default: 10)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
         prefect_settings = {
             PREFECT_API_URL: stack.prefect_api_url,
             PREFECT_API_AUTH_STRING: stack.credentials.prefect_auth_string,
