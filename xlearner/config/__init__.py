@@ -22,7 +22,15 @@ from __future__ import annotations
 
 from xlearner.config.base import NAME_PATTERN, PRETRAINED_HELP, PRETRAINED_SUFFIXES, StrictModel
 from xlearner.config.data import DownstreamConfig, IngestConfig, SourceConfig, SynthConfig
-from xlearner.config.infra import DockerRunnerConfig, RunnerConfig, StoreConfig, TrackingConfig
+from xlearner.config.infra import (
+    DockerRunnerConfig,
+    RayRunnerConfig,
+    ResourcesConfig,
+    RunnerConfig,
+    StageResources,
+    StoreConfig,
+    TrackingConfig,
+)
 from xlearner.config.loading import (
     ConfigError,
     apply_overrides,
@@ -51,10 +59,13 @@ __all__ = [
     "MIMHeadConfig",
     "ModelConfig",
     "PipelineConfig",
+    "RayRunnerConfig",
     "ReconcileConfig",
+    "ResourcesConfig",
     "RunnerConfig",
     "SourceConfig",
     "SqueezeConfig",
+    "StageResources",
     "StoreConfig",
     "StrictModel",
     "SynthConfig",

@@ -96,14 +96,83 @@ class DockerRunnerConfig(StrictModel):
         return [check_bind(bind) for bind in value]
 
 
+class RayRunnerConfig(StrictModel):
+    """Where the stages run on a Ray cluster (runner.kind: ray)."""
+
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address (ray://host:10001 or host:6379); default: RAY_ADDRESS",
+    )
+    working_dir: str | None = Field(
+        default=None,
+        description="Folder the stage commands run in on the cluster's nodes; default: where "
+        "the stage image (or the nodes' install) has the project",
+    )
+    timeout_s: int = Field(default=24 * 3600, ge=1)
+
+
 class RunnerConfig(StrictModel):
-    kind: Literal["process", "docker"] = "process"
+    kind: Literal["process", "docker", "ray"] = "process"
     warm_start: bool = Field(
         default=True,
         description="process runner: fork stages from an interpreter that has imported them "
         "(saves seconds of imports per stage); off: a new `python -m stages.<name>` each",
     )
     docker: DockerRunnerConfig = DockerRunnerConfig()
+    ray: RayRunnerConfig = RayRunnerConfig()
+
+
+class StageResources(StrictModel):
+    """What one stage run gets: GPUs, CPUs and memory per node, nodes, processes per node.
+
+    GPU counts are resolved against the host's GPU inventory when a stage starts
+    (``runner.docker.gpu_ids``, or detected): ``-1`` is all of them, and on a host
+    without GPUs every stage runs on CPU. More than one process (``nodes`` x
+    ``procs_per_node``) runs the stage under torchrun (DDP).
+    """
+
+    gpus: int = Field(default=0, ge=-1, le=1024, description="per node; -1: all GPUs")
+    cpus: float | None = Field(
+        default=None, gt=0, le=4096, description="CPU cores per node; None: no limit"
+    )
+    memory: str | None = Field(
+        default=None, description="memory per node (512m, 64g); None: no limit"
+    )
+    nodes: int = Field(default=1, ge=1, le=1024, description="machines (runner.kind: ray)")
+    procs_per_node: int = Field(
+        default=1, ge=0, le=1024, description="processes per node; 0: one per GPU (1 on CPU)"
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not SIZE.match(value.lower()):
+            raise ValueError(f"{value!r}: expected a size such as 512m or 64g")
+        return value
+
+    @model_validator(mode="after")
+    def _processes_fit_the_gpus(self) -> StageResources:
+        if self.gpus > 0 and self.procs_per_node > self.gpus:
+            raise ValueError(
+                f"procs_per_node={self.procs_per_node} is more than gpus={self.gpus}: each "
+                "process of a GPU stage trains on a GPU of its own; lower procs_per_node or "
+                "raise gpus (procs_per_node: 0 is one process per GPU)"
+            )
+        return self
+
+
+class ResourcesConfig(StrictModel):
+    """Per-stage resources: ingest on CPU, one GPU per expansion, the joint stages on all
+    GPUs given to them, transfer on one GPU (its linear probe fits on CPU)."""
+
+    ingest: StageResources = StageResources()
+    expand: StageResources = StageResources(gpus=1)
+    reconcile: StageResources = StageResources(gpus=-1, procs_per_node=0)
+    squeeze: StageResources = StageResources(gpus=-1, procs_per_node=0)
+    transfer: StageResources = StageResources(gpus=1)
+
+    def for_stage(self, stage: str) -> StageResources:
+        return getattr(self, stage)
 
 
 class StoreConfig(StrictModel):

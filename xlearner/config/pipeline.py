@@ -15,7 +15,7 @@ from xlearner.config.data import (
     SynthConfig,
     check_held_out,
 )
-from xlearner.config.infra import RunnerConfig, StoreConfig, TrackingConfig
+from xlearner.config.infra import ResourcesConfig, RunnerConfig, StoreConfig, TrackingConfig
 from xlearner.config.methods import ReconcileConfig, SqueezeConfig, TransferConfig
 from xlearner.config.model import HeadsConfig, ModelConfig
 from xlearner.config.training import EngineConfig, TaskTrainConfig
@@ -73,6 +73,7 @@ class PipelineConfig(StrictModel):
     store: StoreConfig = StoreConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     synth: SynthConfig = SynthConfig()
 
     @field_validator("seeds")
@@ -141,6 +142,15 @@ class PipelineConfig(StrictModel):
         for entry in self.compare:
             if isinstance(entry, str) and entry.startswith(WITHOUT):
                 self.without(entry.removeprefix(WITHOUT))  # raises naming the fix
+        multi_node = [
+            n for n in ResourcesConfig.model_fields if self.resources.for_stage(n).nodes > 1
+        ]
+        if multi_node and self.runner.kind != "ray":
+            nodes = self.resources.for_stage(multi_node[0]).nodes
+            raise ValueError(
+                f"resources.{multi_node[0]}.nodes={nodes}: runner.kind {self.runner.kind!r} "
+                "runs on one host; set nodes: 1 or runner.kind: ray"
+            )
         return self
 
     @property
