@@ -14,25 +14,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlearner.data.images import read_image  # noqa: E402
+from xlearner.data.synth import photo_jpeg  # noqa: E402
 
 REPEATS = 7
 SIZES = ((256, 256), (640, 480), (1600, 1200))
-
-
-def photo_jpeg(size: tuple[int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), float)
-    noisy = (smooth + rng.normal(0, 12, smooth.shape)).clip(0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(noisy).save(out, "JPEG", quality=90)
-    return out.getvalue()
 
 
 def draft_decode(data: bytes) -> None:

@@ -102,9 +102,13 @@ def docker_job_variables(cfg: PipelineConfig, environ: dict[str, str]) -> dict[s
     credentials of ``environ`` are saved as Secret blocks and referenced, not copied. The
     operator's stage-container settings (:data:`flows.operator.OPERATOR_ENV`) set where
     this runs are passed on; the stage containers join the compose network by default.
+    The host's GPU lock folder (``XLEARNER_GPU_LOCK_DIR``, :mod:`flows.gpus`), when set,
+    is bound in at the same path: the flow runs, each in a container of its own, then
+    see each other's GPU locks.
     """
     from prefect.blocks.system import Secret
 
+    from flows.gpus import LOCK_DIR_ENV
     from flows.operator import NETWORK_ENV, OPERATOR_ENV
 
     env = {"AWS_DEFAULT_REGION": environ.get("AWS_DEFAULT_REGION", "us-east-1")}
@@ -121,8 +125,12 @@ def docker_job_variables(cfg: PipelineConfig, environ: dict[str, str]) -> dict[s
             block = "xlearner-" + variable.lower().replace("_", "-")
             Secret(value=value).save(block, overwrite=True)
             env[variable] = f"{{{{ prefect.blocks.secret.{block} }}}}"
+    volumes = ["/var/run/docker.sock:/var/run/docker.sock"]
+    if lock_dir := environ.get(LOCK_DIR_ENV):
+        volumes.append(f"{lock_dir}:{lock_dir}")
+        env[LOCK_DIR_ENV] = lock_dir
     variables: dict[str, Any] = {
-        "volumes": ["/var/run/docker.sock:/var/run/docker.sock"],
+        "volumes": volumes,
         "networks": [COMPOSE_NETWORK],
         "env": env,
         "image_pull_policy": PULL_POLICY,  # a local build under a versioned tag (flows/images.py)

@@ -27,6 +27,7 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from flows.caching import file_digest, source_fingerprint, stage_key, stage_out
+from flows.gpus import stage_gpus
 from flows.runners import StageFailed, make_runner, stopping
 from xlearner.config import PipelineConfig, hash_json
 from xlearner.contract import (
@@ -138,9 +139,15 @@ def run_stage(ctx: PipelineContext, label: str, call: StageCall) -> Result:
         return {**done.dump(), "cached": True}
     runner = make_runner(ctx.cfg.runner)
     stage = call.stage.value
-    result = runner.run(
-        stage, call.to_argv(), env=ctx.env, log=lambda line: logger.info(f"[{label}] {line}")
-    )
+
+    def log(line: str) -> None:
+        logger.info(f"[{label}] {line}")
+
+    # the GPUs it holds while it runs (it waits for free ones; Ray places its own)
+    with stage_gpus(ctx.cfg, stage, runner.gpu_host, log) as (resources, gpu_ids):
+        result = runner.run(
+            stage, call.to_argv(), env=ctx.env, log=log, resources=resources, gpu_ids=gpu_ids
+        )
     ctx.record(label, time.perf_counter() - t0, ran=True)
     if result.result is None:
         raise StageFailed(

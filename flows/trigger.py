@@ -9,6 +9,12 @@ deployment's config plus every source of the store it does not list yet, so the
 triggered run trains on the updated source list. ``xlearner sources add``
 (:func:`add_source`) ingests one source and emits the same event at once.
 
+Did the new source help? A source the config did not list joins the triggered run
+together with a ``without:<source>`` comparison (:func:`helped_entry`): the same
+X-Learner trained without it, so the run's report has that row and its claims table the
+claim "<source> helps" (:mod:`xlearner.claims`). A new version of a listed source gets
+no such row: the question there is the data, not the source.
+
 Only declared sources are trusted (:func:`trusted_sources`): whoever can write to the
 store must not choose what the pipeline trains on (a foreign ``latest.json`` naming
 ``source_uri: /root/.ssh``). A landed source is announced when the deployment's config
@@ -42,7 +48,8 @@ from prefect.settings import PREFECT_API_URL
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from flows.operator import DATA_ROOTS_ENV, data_roots, is_under
-from xlearner.config import ConfigError, PipelineConfig, validate_config
+from xlearner.config import ConfigError, PipelineConfig, Variant, validate_config
+from xlearner.config.pipeline import WITHOUT
 from xlearner.contract import Stage
 from xlearner.store import ArtifactStore, StoreError, open_store
 from xlearner.store_keys import (
@@ -158,18 +165,46 @@ def write_state(store: ArtifactStore, config_name: str, known: dict[str, dict[st
     store.write_json(sensor_state(config_name), {"format": STATE_FORMAT, "known": known})
 
 
+def helped_entry(cfg: PipelineConfig, source: str) -> str:
+    """The compare entry that trains ``cfg``'s X-Learner without ``source``: did it help?
+
+    ``without:<source>``, or, for a source that is the only one of its single task,
+    ``without:<task>`` (the same run: leaving the source out leaves the task out).
+    Raises ``ValueError`` (why ``without:<source>`` is refused) when no entry isolates
+    it: the only source of one of several tasks it feeds (an unlabeled source).
+    """
+    (added,) = [s for s in cfg.sources if s.name == source]
+    try:
+        cfg.without(source)
+        return f"{WITHOUT}{source}"
+    except ValueError:
+        (task, *others) = added.resolved_tasks
+        if others or cfg.sources_for(task) != [added]:
+            raise
+    cfg.without(task.value)
+    return f"{WITHOUT}{task.value}"
+
+
 def updated_config(
-    cfg: PipelineConfig, store: ArtifactStore, landed: dict[str, Landed]
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    landed: dict[str, Landed],
+    compare_new: Iterable[str] = (),
+    log: LogFn = logger.info,
 ) -> PipelineConfig:
     """``cfg`` plus every landed source it does not list, as a training source.
 
     Sources the config lists keep their entries: the run re-ingests them from their
     configured ``uri`` (which is what :func:`add_source` ingested). A new source takes
-    its format, location and split from its manifest.
+    its format, location and split from its manifest. Each new source named in
+    ``compare_new`` (the ones announced now) also gets its :func:`helped_entry` in
+    ``compare``, and ``xlearner`` joins ``compare`` when it is not the run's variant:
+    that row is what the one without the source is measured against.
     """
     data = cfg.model_dump(mode="json")
     listed = {s.name for s in [*cfg.sources, *cfg.downstream]}
-    for name in sorted(set(landed) - listed):
+    new = sorted(set(landed) - listed)
+    for name in new:
         manifest = store.read_json(manifest_key(name, landed[name].version))
         data["sources"].append(
             {
@@ -180,7 +215,25 @@ def updated_config(
                 "split_seed": manifest["split"]["seed"],
             }
         )
-    return validate_config(data, origin=f"{cfg.name} + the sources in {store.uri(SOURCES)}")
+    origin = f"{cfg.name} + the sources in {store.uri(SOURCES)}"
+    updated = validate_config(data, origin=origin)
+    entries = []
+    for name in sorted(set(compare_new) & set(new)):
+        try:
+            entry = helped_entry(updated, name)
+        except ValueError as err:
+            log(f"no `{WITHOUT}` row for the new source {name}: {err}")
+            continue
+        if entry not in updated.compare:
+            entries.append(entry)
+    if not entries:
+        return updated
+    reference = (
+        [] if Variant.xlearner in (updated.variant, *updated.compare) else [Variant.xlearner]
+    )
+    data["compare"] = [*data["compare"], *reference, *entries]
+    log(f"{cfg.name} retrains with compare {', '.join(entries)}: did the new source help?")
+    return validate_config(data, origin=origin)
 
 
 def event_id(config_name: str, landed: Landed) -> uuid.UUID:
@@ -265,7 +318,7 @@ def announce(
             del fresh[name]
         landed = {n: v for n, v in landed.items() if n in listed}
     if fresh:
-        config = updated_config(cfg, store, landed)
+        config = updated_config(cfg, store, landed, compare_new=fresh, log=log)
         emit([landed_event(config, v) for v in fresh.values()])
         for v in fresh.values():
             known.setdefault(v.name, {})[v.version] = ANNOUNCED

@@ -7,7 +7,8 @@ checkpoint, so a run killed at any moment resumes from the previous or the new o
 the newest ``keep`` folders are kept. Each folder's ``files.json`` (written after its
 files, also copied into ``latest.json``) records their sha256: a damaged or truncated
 checkpoint is named and skipped, and the run resumes from the newest intact one. Loading
-refuses weights that do not match the model.
+refuses weights that do not match the model. Under DDP rank 0 writes them and reads
+them back for every rank (:meth:`Checkpointer.load`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from xlearner import distributed
 from xlearner.store import ArtifactStore, StoreError, join, sha256_bytes
 from xlearner.store_keys import LATEST
 
@@ -79,9 +81,9 @@ class Checkpointer:
         key = join(self.prefix, LATEST)
         return self.store.read_json(key) if self.store.exists(key) else None
 
-    def _read(self, folder: str, recorded: dict | None) -> tuple[dict, dict]:
-        """The weights and trainer state of one checkpoint folder, checked against the
-        sha256 recorded for its files (``recorded``, else its ``files.json``)."""
+    def _read(self, folder: str, recorded: dict | None) -> dict[str, bytes]:
+        """The files of one checkpoint folder, checked against the sha256 recorded for
+        them (``recorded``, else its ``files.json``) and parsed once."""
         uri = self.store.uri(folder)
         try:
             if recorded is None and self.store.exists(join(folder, FILES)):
@@ -95,14 +97,13 @@ class Checkpointer:
                     f"checkpoint {uri}: {name} has sha256 {actual}, recorded {expected}"
                 )
         try:
-            weights = load_safetensors(data[WEIGHTS])
-            trainer = torch.load(io.BytesIO(data[TRAINER]), weights_only=True)
+            _parse(data)
         except Exception as err:  # noqa: BLE001 - unhashed (older) checkpoints: any parse error
             raise DamagedCheckpoint(f"checkpoint {uri}: unreadable ({err})") from None
-        return weights, trainer
+        return data
 
-    def load(self, model: nn.Module, optimizer, scheduler) -> int:
-        """Restore the newest intact checkpoint; returns its step (0 when there is none).
+    def newest_intact(self) -> tuple[int, str, dict[str, bytes]] | None:
+        """The step, folder and files of the newest intact checkpoint (None: there is none).
 
         A damaged one (missing file, wrong sha256, unreadable) is logged by name and the
         next older one is tried."""
@@ -116,23 +117,41 @@ class Checkpointer:
             folder = join(self.prefix, f"step-{step:08d}")
             recorded = info.get("files") if info.get("folder") == folder else None
             try:
-                state, trainer = self._read(folder, recorded)
+                data = self._read(folder, recorded)
             except DamagedCheckpoint as err:
                 log.warning(f"{err}; trying the previous checkpoint")
                 continue
             if step != steps[0]:
                 log.warning(f"resuming from {self.store.uri(folder)}, the newest intact checkpoint")
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise RuntimeError(
-                    f"checkpoint {self.store.uri(folder)} does not match the model: "
-                    f"missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}; delete it or rerun with the config that wrote it"
-                )
-            optimizer.load_state_dict(trainer["optimizer"])
-            scheduler.load_state_dict(trainer["scheduler"])
-            torch.set_rng_state(trainer["rng"])
-            return step
+            return step, folder, data
         if steps:
             log.warning(f"no intact checkpoint under {self.store.uri(self.prefix)}; starting over")
-        return 0
+        return None
+
+    def load(self, model: nn.Module, optimizer, scheduler) -> int:
+        """Restore the newest intact checkpoint; returns its step (0 when there is none).
+
+        Under DDP rank 0 picks and reads it (the store may be a folder only its node
+        sees) and sends its files to every rank, which all load the same bytes."""
+        found = self.newest_intact() if distributed.is_main_process() else None
+        found = distributed.broadcast_object(found)
+        if found is None:
+            return 0
+        step, folder, data = found
+        state, trainer = _parse(data)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {self.store.uri(folder)} does not match the model: "
+                f"missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; delete it or rerun with the config that wrote it"
+            )
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["rng"])
+        return step
+
+
+def _parse(data: dict[str, bytes]) -> tuple[dict, dict]:
+    """A checkpoint's weights (safetensors) and trainer state (tensors only, no pickles)."""
+    return load_safetensors(data[WEIGHTS]), torch.load(io.BytesIO(data[TRAINER]), weights_only=True)

@@ -11,7 +11,9 @@ their scores over seeds (:func:`xlearner.stats.paired_difference`):
 
 With one seed there is no interval: the verdict is ``needs 2+ seeds``. A claim is listed
 only for the rows the run has; "any pre-training > random" becomes one claim per
-trained row against the random backbone.
+trained row against the random backbone, and each ``without:<task or source>`` row one
+claim that the left-out task or source helps (X-Learner above the row without it: the
+paper's "additional sources" observation, and what a source trigger's retraining asks).
 """
 
 from __future__ import annotations
@@ -20,12 +22,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from xlearner.config.pipeline import WITHOUT, Variant
 from xlearner.stats import CONFIDENCE, Interval, paired_difference
 
 RANDOM_ROW = "random_init"  # the randomly initialised reference row of every report
+XLEARNER_ROW = Variant.xlearner.value  # the row of the X-Learner variant
 HOLDS, WITHIN_NOISE, REVERSED, ONE_SEED = "holds", "within noise", "reversed", "needs 2+ seeds"
 CLOSE_TOLERANCE = 2.0  # points: how far "close" may be (the paper: 0.3-1.5 points apart)
-METRICS = {"avg_cls": "AVG Cls", "det_map": "Det mAP", "seg_miou": "Seg mIoU"}
+# summary metrics of a report row (xlearner/transfer/report.py): key -> label
+METRICS = {
+    "avg_cls": "AVG Cls",
+    "det_map": "Det mAP",
+    "det_ap50": "Det AP50",  # PASCAL VOC AP50, the paper's "PASCAL Det" column
+    "seg_miou": "Seg mIoU",
+}
 
 Scores = Mapping[str, Mapping[str, Mapping[int, float]]]  # row -> metric -> seed -> score
 
@@ -41,18 +51,25 @@ class Claim:
 
 
 PAPER_CLAIMS = (
-    Claim("X-Learner > hard sharing", "xlearner", "hard_sharing"),
-    Claim("reconciliation > none", "xlearner", "no_reconciliation"),
-    Claim("lower-level input > same level only", "xlearner", "xlearner_t"),
-    Claim("Expansion-Squeeze > Squeeze-Expansion", "xlearner", "squeeze_expansion"),
-    Claim("pruning close to distillation", "prune", "xlearner", kind="close"),
+    Claim("X-Learner > hard sharing", XLEARNER_ROW, "hard_sharing"),
+    Claim("reconciliation > none", XLEARNER_ROW, "no_reconciliation"),
+    Claim("lower-level input > same level only", XLEARNER_ROW, "xlearner_t"),
+    Claim("Expansion-Squeeze > Squeeze-Expansion", XLEARNER_ROW, "squeeze_expansion"),
+    Claim("pruning close to distillation", "prune", XLEARNER_ROW, kind="close"),
 )
 
 
 def claims_for(rows: list[str]) -> list[Claim]:
-    """The paper's claims this run's ``rows`` can check, then pre-training > random."""
+    """The paper's claims this run's ``rows`` can check, then "<left out> helps" for each
+    ``without:`` row, then pre-training > random."""
     present = set(rows)
     claims = [c for c in PAPER_CLAIMS if {c.better, c.worse} <= present]
+    if XLEARNER_ROW in present:
+        claims += [
+            Claim(f"{row.removeprefix(WITHOUT)} helps (X-Learner > {row})", XLEARNER_ROW, row)
+            for row in rows
+            if row.startswith(WITHOUT)
+        ]
     if RANDOM_ROW in present:
         claims += [
             Claim(f"pre-training > random ({row})", row, RANDOM_ROW)

@@ -7,6 +7,8 @@ is initialised, so the same code runs on one CPU, one GPU and many GPUs.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,10 +16,35 @@ import torch.distributed as dist
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
+# The group of the control messages (decisions, flags, small objects): gloo on the CPU,
+# so they never queue behind the GPU's work and a rank waiting on one (while rank 0
+# evaluates or publishes) is under gloo's timeout, not NCCL's watchdog. ``None``: the
+# default group (already gloo on CPU).
+_control: Any = None
+_local_depth = 0  # > 0: this rank works alone (see local_only)
+
 
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process (and not
+    inside :func:`local_only`)."""
+    return (
+        _local_depth == 0
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Work that one rank does alone (rank 0 evaluating the whole val set): inside, every
+    helper here acts as in a single process, so no collective waits for the other ranks."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
 
 
 def rank() -> int:
@@ -66,18 +93,61 @@ def init_from_env(device: str = "auto") -> torch.device:
         dist.init_process_group(
             rank=int(os.environ["RANK"]), world_size=env_world_size, init_method="env://", **kwargs
         )
+    global _control
+    _control = dist.new_group(backend="gloo") if use_cuda else None  # gloo: the default group
     return local_device
 
 
 def barrier() -> None:
+    """Wait for every rank (on the control group)."""
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_control)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled: only for objects made by our code)."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=_control)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a decision all ranks must share)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``values`` over the ranks (every rank calls it)."""
+    if not is_distributed():
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / world_size()
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank.
+
+    DDP sends rank 0's buffers at the start of each forward, so after the last step each
+    rank holds the statistics of its own shard; after this every rank holds what rank 0
+    publishes."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def cleanup() -> None:
     """Leave the process group (call once at the end of a distributed run)."""
+    global _control
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -14,7 +14,9 @@ loaded as ``(epoch, index)``, and a dataset with ``set_epoch(epoch, seed=...)`` 
 before the sample is read, in whichever worker reads it. On CUDA it uses bf16 autocast
 and channels_last, worker processes with pinned memory and, with ``engine.decode: gpu``,
 decodes the JPEGs of each batch on the GPU; under ``torchrun`` it wraps the model in
-DistributedDataParallel and shards every batch across the ranks. Streams and their
+DistributedDataParallel and shards every batch across the ranks; the ranks agree on
+every decision (stop, log, checkpoint), logged losses are their mean, rank 0 checkpoints
+and evaluates, and all of them end with rank 0's weights. Streams and their
 batches are :mod:`xlearner.loaders`', checkpoints :mod:`xlearner.checkpoint`'.
 
 The loop does not wait for the GPU: losses are summed on the device and read at log
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from xlearner import distributed, stop
@@ -166,11 +168,30 @@ class LossWindow:
             )
 
     def read(self) -> dict[str, float]:
-        """Mean of each loss over the steps since the last read (one host sync); resets."""
-        keys = list(self.sums)
-        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]).tolist()
+        """Mean of each loss over the steps since the last read (one host sync); resets.
+
+        Under DDP also the mean over the ranks (an all-reduce: every rank calls this at
+        the same steps, and every rank has the same keys: the streams of a step are a
+        function of the step), so the logged loss is the whole batch's, not rank 0's.
+        """
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        values = distributed.mean_over_ranks(means).tolist()
         self.sums, self.counts = {}, {}
         return dict(zip(keys, values, strict=True))
+
+
+class StepForward(nn.Module):
+    """The model on every stream of a micro-step in one call: under DDP one forward per
+    backward (DDP refuses a parameter made ready twice, as two forwards before one
+    backward would do when the trunk sees two streams)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches: list[tuple[Tensor, str, Any]]) -> list[dict[str, Tensor]]:
+        return [self.model(images, stream, targets) for images, stream, targets in batches]
 
 
 class Trainer:
@@ -207,7 +228,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(parameters or self.model.parameters(), train_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(train_cfg))
-        self.forward = self._wrap(self.model)
+        self.forward = self._wrap(StepForward(self.model))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if distributed.is_distributed():
@@ -278,7 +299,8 @@ class Trainer:
                 window.add(step, losses)
                 progress.update(step, images)
                 last = step == self.cfg.steps
-                stopping = stop.requested()
+                # every rank decides alike (a signal reaches the ranks at different steps)
+                stopping = distributed.any_rank(stop.requested())
                 checkpoint = self.checkpointer is not None and (
                     step % self.engine.checkpoint_every_steps == 0 or last or stopping
                 )
@@ -287,13 +309,14 @@ class Trainer:
                     window.check(self.name)  # never log or checkpoint a diverged model
                 if logged:
                     self._log(step, window.read(), progress)
-                if checkpoint and distributed.rank() == 0:
+                if checkpoint and distributed.is_main_process():
                     self.checkpointer.save(
                         step, self.model, self.optimizer, self.scheduler, {"name": self.name}
                     )
                 if stopping:
                     log.warning(f"[{self.name}] stop requested: checkpointed step {step}")
                     stop.check()
+        distributed.sync_buffers(self.model)  # every rank ends with the weights rank 0 has
         return start
 
     def _log(self, step: int, losses: dict[str, float], progress: Progress) -> None:
@@ -320,19 +343,21 @@ class Trainer:
         images_in_step = 0
         for m in range(micro):
             streams = schedule((step - 1) * micro + m)
-            loss = torch.zeros((), device=self.device)
+            batches = []
             for stream in streams:
                 images, targets = next(loaders[stream.name])
                 images = self._images(images)
-                targets = move_to(targets, self.device)
-                with self.precision.autocast(self.device):
-                    parts = self.forward(images, stream.name, targets)
+                batches.append((images, stream.name, move_to(targets, self.device)))
+                images_in_step += images.shape[0]
+            with self.precision.autocast(self.device):
+                outputs = self.forward(batches)
+            loss = torch.zeros((), device=self.device)
+            for stream, parts in zip(streams, outputs, strict=True):
                 stream_loss = sum(parts.values()).float()
                 loss = loss + stream.weight * stream_loss
                 key = f"{stream.name}/loss"
                 share = stream_loss.detach() / micro
                 totals[key] = totals[key] + share if key in totals else share
-                images_in_step += images.shape[0]
             (loss / micro).backward()
             share = loss.detach() / micro
             totals["loss"] = totals["loss"] + share if "loss" in totals else share
@@ -341,15 +366,28 @@ class Trainer:
         return totals, images_in_step * distributed.world_size()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, streams: list[Stream], engine_cfg: EngineConfig, batch_size: int = 64
 ) -> dict[str, dict[str, float]]:
     """Validation metrics per stream (``model.metric(stream)`` and ``model.predict``).
 
     Self-supervised streams have no predictions to score: their metric is the mean loss.
-    At most ``engine_cfg.eval_max_images`` images per stream.
+    At most ``engine_cfg.eval_max_images`` images per stream. Under DDP rank 0 scores the
+    whole set alone and every rank gets its metrics: the metrics (COCO mAP, mIoU) need
+    every prediction in one place, and the val set is capped, so sharding the forward
+    passes would save little and cost a gather of every prediction.
     """
+    metrics = None
+    if distributed.is_main_process():
+        with distributed.local_only():  # e.g. the contrastive loss gathers no other rank
+            metrics = _evaluate(model, streams, engine_cfg, batch_size)
+    return distributed.broadcast_object(metrics)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, streams: list[Stream], engine_cfg: EngineConfig, batch_size: int
+) -> dict[str, dict[str, float]]:
     device = next(model.parameters()).device
     precision = Precision.for_device(engine_cfg, device)
     encoded = device.type == "cuda" and resolve_decode(engine_cfg, device)

@@ -3,7 +3,7 @@
 A stage writes its files into a local work folder, publishes them one by one under
 ``--out`` (each publish is atomic), then ``result.json`` last (a
 :class:`~xlearner.contract.StageResult`): its presence means the stage is done. Under DDP
-every rank trains and rank 0 publishes.
+every rank trains and rank 0 publishes; :meth:`StageOutput.finish` waits for every rank.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ class StageOutput:
 
     def done(self) -> StageResult | None:
         """The published result, when the stage already ran to the end here and every file
-        it lists is intact; a damaged output is named, set aside, and counts as not done."""
+        it lists is intact; a damaged output is named, set aside, and counts as not done.
+        (Under DDP rank 0 asks and tells the other ranks: ``stages/main.py``.)"""
         try:
             return verified_result(self.store)
         except IntegrityError as err:
             log.warning(f"{err}")
-            if distributed.is_main_process():  # under DDP every rank checks, rank 0 moves
-                set_aside(self.store)
+            set_aside(self.store)
             return None
 
     def checkpointer(self) -> Checkpointer:
@@ -84,6 +84,7 @@ class StageOutput:
         result.peak_rss_mb, result.peak_cuda_mb = peak_memory_mb()
         if distributed.is_main_process():
             self.store.write_json(RESULT, result.dump())
+        distributed.barrier()  # no rank ends before the output is published
         self.close()
         return result
 

@@ -21,12 +21,16 @@ import json
 import logging
 import os
 import shutil
+import sys
+import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 CHUNK = 8 * 1024 * 1024
 TMP_MARK = ".tmp-"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # boto3's own variable, read for S3 clients only
@@ -51,6 +55,19 @@ TRANSIENT_S3_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
      "InternalError", "500", "502", "503", "504"}
 )  # fmt: skip
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """A raw S3 client error that says "not now": connection, timeout, 5xx, throttling
+    (what :class:`StoreUnavailable` wraps; also for errors that escaped the store)."""
+    if "botocore" not in sys.modules:  # no S3 client was ever made: not an S3 error
+        return False
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as S3ConnectionError
+
+    if isinstance(err, ClientError):
+        return err.response.get("Error", {}).get("Code", "") in TRANSIENT_S3_CODES
+    return isinstance(err, S3ConnectionError | HTTPClientError)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -118,6 +135,17 @@ class ArtifactStore(ABC):
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh local folder for files to :meth:`publish_file`, removed afterwards."""
+        with tempfile.TemporaryDirectory(prefix="xlearner-staging-") as folder:
+            yield Path(folder)
+
+    def publish_file(self, key: str, path: str | Path, sha256: str) -> None:
+        """Publish a local file the caller wrote and hashed (``sha256``), and no longer
+        needs: it may be moved into place instead of copied."""
+        self.upload_file(key, path)
 
     def read_json(self, key: str) -> Any:
         try:
@@ -187,9 +215,17 @@ class LocalStore(ArtifactStore):
             write(tmp)
             digest = sha256_file(tmp)
 
-        try:
+        def publish() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, write_and_hash)
+
+        self._writable(publish)
+        return digest
+
+    def _writable(self, write: Callable[[], T]) -> T:
+        """``write()``; a store folder that is not writable is reported as such."""
+        try:
+            return write()
         except OSError as err:
             if not (isinstance(err, PermissionError) or err.errno == errno.EROFS):
                 raise
@@ -197,13 +233,42 @@ class LocalStore(ArtifactStore):
                 f"store folder {self.root} is not writable ({err.strerror}: {err.filename}); "
                 "fix its permissions or set store.uri to a folder this user can write"
             ) from None
-        return digest
 
     def write_bytes(self, key: str, data: bytes) -> str:
         return self._publish(key, lambda tmp: tmp.write_bytes(data))
 
     def upload_file(self, key: str, path: str | Path) -> str:
         return self._publish(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """On the store's file system (a folder named with TMP_MARK, never listed), so
+        :meth:`publish_file` is a rename, not a second write."""
+
+        def make() -> str:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkdtemp(prefix=".staging" + TMP_MARK, dir=self.root)
+
+        folder = Path(self._writable(make))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def publish_file(self, key: str, path: str | Path, sha256: str) -> None:
+        """One rename when ``path`` is on the store's file system (see :meth:`staging`)."""
+        target = self._path(key)
+
+        def move() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(path, target)
+            except OSError as err:
+                if err.errno != errno.EXDEV:  # another file system: copied, atomically
+                    raise
+                self.upload_file(key, path)
+
+        self._writable(move)
 
     def download_file(self, key: str, path: str | Path) -> None:
         try:
@@ -220,7 +285,7 @@ class LocalStore(ArtifactStore):
         keys = [
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and TMP_MARK not in p.name
+            if p.is_file() and TMP_MARK not in p.relative_to(self.root).as_posix()
         ]
         return sorted(keys)
 
@@ -262,11 +327,10 @@ class S3Store(ArtifactStore):
         return join(self.prefix, key)
 
     def _error(self, err: Exception, key: str) -> StoreError:
-        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
-        from botocore.exceptions import ConnectionError as S3ConnectionError
+        from botocore.exceptions import ClientError, NoCredentialsError
 
         uri = self.uri(key)
-        if isinstance(err, S3ConnectionError | HTTPClientError):
+        if is_unreachable(err) and not isinstance(err, ClientError):
             return StoreUnavailable(
                 f"{uri}: cannot reach the S3 endpoint {self.endpoint_url or 'AWS'} "
                 f"({type(err).__name__}); is the server up?"
@@ -286,7 +350,7 @@ class S3Store(ArtifactStore):
                 return ArtifactNotFound(f"{uri} does not exist")
             if code == "NoSuchBucket":
                 return StoreError(f"{uri}: bucket {self.bucket!r} does not exist; create it first")
-            if code in TRANSIENT_S3_CODES:
+            if is_unreachable(err):
                 return StoreUnavailable(f"{uri}: S3 answered {code}; try again later")
         return StoreError(f"{uri}: {type(err).__name__}: {err}")
 
@@ -320,17 +384,20 @@ class S3Store(ArtifactStore):
         """One PUT below the multipart threshold, else a multipart upload that boto3 aborts
         on failure: either way the object appears whole or not at all."""
         digest = sha256_file(path)
+        self.publish_file(key, path, digest)
+        return digest
+
+    def publish_file(self, key: str, path: str | Path, sha256: str) -> None:
         try:
             self.client.upload_file(
                 str(path),
                 self.bucket,
                 self._key(key),
-                ExtraArgs={"Metadata": {"sha256": digest}},
+                ExtraArgs={"Metadata": {"sha256": sha256}},
                 Config=self.transfer,
             )
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
-        return digest
 
     def download_file(self, key: str, path: str | Path) -> None:
         try:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from xlearner import distributed
 from xlearner.config import TrackingConfig
 from xlearner.secrets import is_secret_name, loggable, redact
 
@@ -133,9 +134,10 @@ def stage_run(
     """A nested MLflow run under ``parent_run_id``; without a parent, tracking is off.
 
     Every tracked stage trains (or probes) a model: its run records CPU, memory and GPU
-    use (MLflow system metrics, ``system/...``).
+    use (MLflow system metrics, ``system/...``). Under DDP only rank 0 opens the run (the
+    stage's one child run); the other ranks get a tracker that logs nowhere.
     """
-    if not parent_run_id:
+    if not parent_run_id or not distributed.is_main_process():
         yield StageTracker(None)
         return
     import mlflow

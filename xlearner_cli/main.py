@@ -160,8 +160,9 @@ def report(
         raise typer.Exit(2) from None
     head = preamble.read_text().rstrip() + "\n\n" if preamble is not None else ""
     seeds = " ".join(map(str, results["seeds"]))
+    overrides = "".join(f" --set '{value}'" for value in set_ or [])
     head += (
-        f"Written by `xlearner report -c {config} --out {out}` from the store "
+        f"Written by `xlearner report -c {config}{overrides} --out {out}` from the store "
         f"`{cfg.store.uri}` (seeds {seeds}).\n\n"
     )
     paths = write_results(results, out, preamble=head)

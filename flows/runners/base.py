@@ -2,7 +2,9 @@
 
 A stage is the command ``python -m stages.<name> <args...>`` (docs/architecture.md,
 "Stages"): it prints one line ``XLEARNER_RESULT {json}`` (:data:`xlearner.contract.RESULT_PREFIX`)
-and exits non-zero on failure. :meth:`StageRunner.run_command` starts it (the runner
+and exits non-zero on failure; a stage of more than one process (its
+:class:`~xlearner.config.StageResources`) runs under torchrun (:func:`torchrun_command`).
+:meth:`StageRunner.run_command` starts it (the runner
 kind says how: :meth:`StageRunner.start` returns a :class:`ChildProcess`), streams its
 output line by line to a ``log`` callback as it comes, secrets masked, enforces a
 timeout, stops it on cancellation (any ``BaseException``: Ctrl-C, Prefect's termination
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from xlearner.config import StageResources
 from xlearner.contract import RESULT_PREFIX, ExitCode
 from xlearner.secrets import redact, secret_values
 
@@ -102,6 +106,49 @@ def stop_all() -> None:
 
 def stage_command(stage: str, args: list[str], python: str = "python") -> list[str]:
     return [python, "-m", f"stages.{stage}", *args]
+
+
+TORCHRUN_MODULE = "torch.distributed.run"  # what the ``torchrun`` script runs
+
+
+def torchrun_command(
+    module: str,
+    args: list[str],
+    *,
+    python: str,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+) -> list[str]:
+    """``python -m <module> <args>`` as ``nproc_per_node`` processes on each of ``nnodes``.
+
+    One node: ``--standalone`` (a rendezvous on a free local port). Several: the c10d
+    rendezvous at ``rdzv_endpoint`` (host:port of node 0), ``rdzv_id`` naming the job. A
+    failed process fails the stage (``--max-restarts 0``): the Prefect retry resumes it
+    from its checkpoint.
+    """
+    launch = [python, "-m", TORCHRUN_MODULE, "--nproc-per-node", str(nproc_per_node)]
+    if nnodes == 1:
+        launch.append("--standalone")
+    else:
+        if rdzv_endpoint is None or rdzv_id is None:
+            raise ValueError(f"a launch on {nnodes} nodes needs rdzv_endpoint and rdzv_id")
+        launch += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+        launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+        launch += ["--rdzv-id", rdzv_id]
+    return [*launch, "--max-restarts", "0", "-m", module, *args]
+
+
+def processes_per_node(resources: StageResources | None, gpu_ids: list[str] | None) -> int:
+    """How many processes a stage starts on a node: ``procs_per_node``, whose 0 is one per
+    GPU it was given (one on CPU); one without ``resources``."""
+    if resources is None:
+        return 1
+    if resources.procs_per_node:
+        return resources.procs_per_node
+    return len(gpu_ids) if gpu_ids else max(resources.gpus, 1)
 
 
 def stage_environment(base: Mapping[str, str], env: Mapping[str, str] | None) -> dict[str, str]:
@@ -221,10 +268,22 @@ class StageRunner:
     timeout_s: float | None = None  # of a call that gives none
     timeout_ends = "stopped"  # what a timeout does to the stage, for the message
 
+    def gpu_host(self) -> str:
+        """The machine whose GPUs this runner's stages use (:mod:`flows.gpus` names its
+        concurrency limit after it): this one."""
+        return socket.gethostname()
+
     def start(
-        self, command: list[str], *, stage: str, env: Mapping[str, str] | None
+        self,
+        command: list[str],
+        *,
+        stage: str,
+        env: Mapping[str, str] | None,
+        resources: StageResources | None = None,
+        gpu_ids: list[str] | None = None,
     ) -> ChildProcess:
-        """Start ``command`` with ``env`` overlaid on the runner's base environment."""
+        """Start ``command`` with ``env`` overlaid on the runner's base environment, on the
+        GPUs ``gpu_ids`` (None: not pinned) within ``resources`` (None: no limits)."""
         raise NotImplementedError
 
     def run(
@@ -235,9 +294,37 @@ class StageRunner:
         env: Mapping[str, str] | None = None,
         log: LogFn | None = None,
         timeout_s: float | None = None,
+        resources: StageResources | None = None,
+        gpu_ids: list[str] | None = None,
     ) -> StageRun:
-        command = stage_command(stage, args, self.python)
-        return self.run_command(command, stage=stage, env=env, log=log, timeout_s=timeout_s)
+        """Run a stage on ``gpu_ids`` (the host GPUs allocated to it; None: not pinned)
+        within ``resources`` (None: one process, no GPU request); more than one process
+        runs under torchrun on this host."""
+        nodes = resources.nodes if resources is not None else 1
+        procs = processes_per_node(resources, gpu_ids)
+        if nodes > 1:
+            raise StageFailed(
+                stage,
+                ExitCode.BAD_INPUT,
+                "",
+                f"was not started: resources.{stage}.nodes={nodes} needs runner.kind: ray "
+                f"({type(self).__name__} runs on one host)",
+            )
+        if procs > 1:
+            command = torchrun_command(
+                f"stages.{stage}", args, python=self.python, nproc_per_node=procs
+            )
+        else:
+            command = stage_command(stage, args, self.python)
+        return self.run_command(
+            command,
+            stage=stage,
+            env=env,
+            log=log,
+            timeout_s=timeout_s,
+            resources=resources,
+            gpu_ids=gpu_ids,
+        )
 
     def run_command(
         self,
@@ -247,6 +334,8 @@ class StageRunner:
         env: Mapping[str, str] | None = None,
         log: LogFn | None = None,
         timeout_s: float | None = None,
+        resources: StageResources | None = None,
+        gpu_ids: list[str] | None = None,
     ) -> StageRun:
         """Run any command under the stage protocol (tests pass their own).
 
@@ -258,7 +347,7 @@ class StageRunner:
         if stopping():
             raise StageFailed(stage, ExitCode.STOPPED, "", "was not started: the run is stopping")
         try:
-            child = self.start(command, stage=stage, env=env)
+            child = self.start(command, stage=stage, env=env, resources=resources, gpu_ids=gpu_ids)
         except Exception as err:  # noqa: BLE001 - a container or a fork that did not start
             code = ExitCode.BAD_INPUT if isinstance(err, ValueError) else ExitCode.TRANSIENT
             reason = f"could not be started: {type(err).__name__}: {err}"

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
-from flows.runners.base import ChildProcess, StageRunner, stage_environment
+from flows.runners.base import TORCHRUN_MODULE, ChildProcess, StageRunner, stage_environment
 from flows.runners.parent_death import die_with_parent
+from xlearner.config import StageResources
 
 
 class LocalProcess(Protocol):
@@ -68,8 +69,15 @@ class _Subprocess:
 class _ProcessGroup:
     """A :class:`LocalProcess` as the runner supervises it (a :class:`ChildProcess`)."""
 
-    def __init__(self, process: LocalProcess, environment: dict[str, str], kill_grace_s: float):
+    def __init__(
+        self,
+        process: LocalProcess,
+        environment: dict[str, str],
+        kill_grace_s: float,
+        launcher: bool = False,
+    ):
         self.process = process
+        self.launcher = launcher  # torchrun: it forwards a SIGTERM to its workers itself
         self.environment = environment
         self.kill_grace_s = kill_grace_s
         self.exited = False
@@ -83,12 +91,17 @@ class _ProcessGroup:
         return returncode, ""
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group, SIGKILL after ``kill_grace_s``."""
+        """SIGTERM to the whole process group (to torchrun alone: a worker that got a
+        second SIGTERM from it would stop at once, without its checkpoint), SIGKILL to the
+        group after ``kill_grace_s``."""
         for sig, grace in ((signal.SIGTERM, self.kill_grace_s), (signal.SIGKILL, 10.0)):
             if self.process.poll() is not None:
                 return
             try:
-                os.killpg(self.process.pid, sig)
+                if self.launcher and sig == signal.SIGTERM:
+                    os.kill(self.process.pid, sig)
+                else:
+                    os.killpg(self.process.pid, sig)
             except ProcessLookupError:  # not yet its own group leader (just forked)
                 try:
                     os.kill(self.process.pid, sig)
@@ -110,7 +123,10 @@ class ProcessRunner(StageRunner):
     With ``warm_start`` a ``python -m <module> ...`` command of this interpreter (a stage
     command is one) is forked from an interpreter that has imported the stages already
     (:mod:`flows.runners.warm_start`) instead of started anew: the same code and arguments
-    without the seconds of imports. Other commands always start a new process.
+    without the seconds of imports. Other commands, torchrun's included (its processes
+    are its own children), always start a new process. A stage given ``gpu_ids`` sees
+    only those GPUs (``CUDA_VISIBLE_DEVICES``; ``[]``: none); ``resources``' cpus and
+    memory are not enforced on a local process.
     """
 
     timeout_ends = "killed"
@@ -128,15 +144,25 @@ class ProcessRunner(StageRunner):
         self.warm_start = warm_start and python == sys.executable
 
     def start(
-        self, command: list[str], *, stage: str, env: Mapping[str, str] | None
+        self,
+        command: list[str],
+        *,
+        stage: str,
+        env: Mapping[str, str] | None,
+        resources: StageResources | None = None,
+        gpu_ids: list[str] | None = None,
     ) -> ChildProcess:
         child_env = stage_environment(os.environ, env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed
+        if gpu_ids is not None:
+            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
         process: LocalProcess
-        if self.warm_start and len(command) > 2 and command[:2] == [self.python, "-m"]:
+        python_module = len(command) > 2 and command[:2] == [self.python, "-m"]
+        if self.warm_start and python_module and command[2] != TORCHRUN_MODULE:
             from flows.runners.warm_start import ForkedStage
 
             process = ForkedStage(command[2], command[3:], child_env, self.cwd)
         else:
             process = _Subprocess(command, child_env, self.cwd)
-        return _ProcessGroup(process, child_env, self.kill_grace_s)
+        launcher = python_module and command[2] == TORCHRUN_MODULE
+        return _ProcessGroup(process, child_env, self.kill_grace_s, launcher)

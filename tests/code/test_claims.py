@@ -98,3 +98,19 @@ def test_claims_follow_the_rows_present():
         "pre-training > random (squeeze_expansion)",
     ]
     assert claims_for(["hard_sharing", "prune"]) == []
+
+
+def test_each_left_out_task_or_source_is_a_claim_that_it_helps():
+    scores = {
+        "xlearner": SCORES["xlearner"],
+        # 2, 3, 4 points below X-Learner on every seed: the left-out source helped
+        "without:fresh_cls": {"avg_cls": seeds(54.0, 55.0, 53.0)},
+        "without:det": {"avg_cls": seeds(57.0, 57.5, 58.0)},  # -1, +0.5, -1: within noise
+    }
+    claims = by_claim(evaluate_claims(scores))
+    helped = claims["fresh_cls helps (X-Learner > without:fresh_cls)", "avg_cls"]
+    assert (helped["better"], helped["worse"]) == ("xlearner", "without:fresh_cls")
+    assert helped["difference"] == pytest.approx(3.0) and helped["verdict"] == HOLDS
+    assert claims["det helps (X-Learner > without:det)", "avg_cls"]["verdict"] == WITHIN_NOISE
+    # without the X-Learner row there is nothing to measure the left-out one against
+    assert claims_for(["hard_sharing", "without:fresh_cls"]) == []

@@ -7,11 +7,18 @@ import json
 import pytest
 from PIL import Image
 
-from xlearner.transfer.report import ReportRow, build_report, format_table, write_report
+from xlearner.transfer.report import (
+    ReportRow,
+    bar_chart,
+    build_report,
+    format_table,
+    write_report,
+)
 from xlearner.transfer.results import (
     format_claims,
     format_differences,
     format_means,
+    results_chart,
     summarize,
     write_results,
 )
@@ -216,3 +223,58 @@ def test_results_with_one_seed_show_means_without_intervals():
 def test_results_reject_an_unknown_main_row():
     with pytest.raises(ValueError, match="main row 'prune' is not in the reports"):
         summarize(SEED_REPORTS, main="prune")
+
+
+def test_bar_chart_draws_each_value_its_error_bar_and_a_dash_where_missing():
+    figure = bar_chart(
+        "t",
+        ["xlearner", "prune"],
+        {"AVG Cls": [56.0, None], "Seg mIoU": [40.0, 30.0]},
+        errors={"AVG Cls": [2.5, 0.0], "Seg mIoU": [1.0, 0.5]},
+    )
+    (axes,) = figure.axes
+    heights = sorted(round(bar.get_height(), 1) for bar in axes.patches)
+    assert heights == [30.0, 40.0, 56.0]  # the missing value has no bar, but a dash
+    assert [t.get_text() for t in axes.texts if t.get_text() == "-"] == ["-"]
+    bars = [s for c in axes.collections for s in c.get_segments()]  # the error bars
+    assert sorted(round(s[1][1] - s[0][1], 6) for s in bars) == [1.0, 2.0, 5.0]
+    assert axes.get_ylim()[1] == pytest.approx((56.0 + 2.5) * 1.15)
+
+
+def test_results_chart_shows_the_means_with_their_intervals():
+    results = summarize(SEED_REPORTS, main="xlearner")
+    (axes,) = results_chart(results).axes
+    xlearner = next(r for r in results["rows"] if r["name"] == "xlearner")["metrics"]["avg_cls"]
+    assert round(xlearner["mean"], 6) in {round(b.get_height(), 6) for b in axes.patches}
+    assert "3 seed(s)" in axes.get_title()
+
+
+def det_seed_report(xlearner: tuple[float, float], hard: tuple[float, float]) -> dict:
+    """A report with a detection set: (COCO mAP, VOC AP50) per row."""
+    return build_report(
+        [
+            {"name": "xlearner", "det": {"voc": xlearner[0]}, "ap50": {"voc": xlearner[1]}},
+            {"name": "hard_sharing", "det": {"voc": hard[0]}, "ap50": {"voc": hard[1]}},
+        ]
+    )
+
+
+def test_results_carry_ap50_beside_map_in_means_differences_and_claims():
+    reports = {
+        0: det_seed_report((20.0, 40.0), (19.0, 35.0)),
+        1: det_seed_report((22.0, 43.0), (23.0, 37.0)),
+        2: det_seed_report((21.0, 41.0), (20.0, 37.0)),
+    }
+    results = summarize(reports, main="xlearner")
+    means = table_cells(format_means(results))
+    assert means[0][2:4] == ["Det mAP (voc)", "Det AP50 (voc)"]
+    assert means[2][:4] == ["xlearner", "-", "21.0 ± 2.5", "41.3 ± 3.8"]  # AP50 40, 43, 41
+    differences = {(d["row"], d["metric"]): d for d in results["differences"]}
+    assert differences["hard_sharing", "det_ap50"]["mean"] == pytest.approx(-5.0)  # -5 -6 -4
+    claims = {(c["claim"], c["metric"]): c["verdict"] for c in results["claims"]}
+    # mAP: +1, -1, +1 (within noise); AP50: +5, +6, +4 (holds)
+    assert claims["X-Learner > hard sharing", "det_map"] == "within noise"
+    assert claims["X-Learner > hard sharing", "det_ap50"] == "holds"
+    assert "| X-Learner > hard sharing | Det AP50 |" in format_claims(results)
+    # a run without AP50 has no AP50 column
+    assert "AP50" not in format_means(summarize(SEED_REPORTS, main="xlearner"))

@@ -27,7 +27,7 @@ def write_config(tmp_path: Path, synth_data, **overrides) -> Path:
     return path
 
 
-def publish_run(store_uri: str, scores: dict[int, tuple[float, float]]) -> None:
+def publish_run(store_uri: str, scores: dict[int, tuple[float, float]], name: str = "tiny") -> None:
     """What a run leaves in the store: one transfer output per seed, and its pointer."""
     store = open_store(store_uri)
     outs = {}
@@ -39,7 +39,7 @@ def publish_run(store_uri: str, scores: dict[int, tuple[float, float]]) -> None:
         out = store.uri(f"runs/transfer/key{seed}")
         open_store(out).write_json(RESULT, {"out": out, "report": report})
         outs[seed] = out
-    store.write_json(results_latest("tiny"), results_index("xlearner", outs))
+    store.write_json(results_latest(name), results_index("xlearner", outs))
 
 
 def test_report_writes_the_results_page_from_the_store(tmp_path, synth_data):
@@ -62,6 +62,17 @@ def test_report_writes_the_results_page_from_the_store(tmp_path, synth_data):
     ]
     assert (out / "results.png").stat().st_size > 1000
     assert "pre-training > random (xlearner)" in result.output
+
+
+def test_report_page_names_the_overrides_it_was_written_with(tmp_path, synth_data):
+    config = write_config(tmp_path, synth_data)
+    publish_run(str(tmp_path / "store"), {0: (55.0, 40.0), 1: (57.0, 41.0)}, name="variants")
+    out = tmp_path / "page"
+    args = ["report", "-c", str(config), "--set", "name=variants", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    page = (out / "results.md").read_text()
+    assert page.startswith(f"Written by `xlearner report -c {config} --set 'name=variants' --out")
 
 
 def test_report_without_a_finished_run_names_the_fix(tmp_path, synth_data):

@@ -24,6 +24,7 @@ from xlearner.config import SourceConfig
 from xlearner.contract import ExitCode
 from xlearner.data.images import read_image
 from xlearner.data.ingest import ingest_source
+from xlearner.data.synth import photo_jpeg
 from xlearner.store import LocalStore, join
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,17 +235,6 @@ def test_exif_orientation_is_applied(tmp_path):
     grey = np.asarray(image.convert("L"), float)
     assert np.abs(grey - np.asarray(shown, float)).mean() < 3
     assert grey[:20].mean() < 30 and grey[40:].mean() > 225  # turned: black on top, white below
-
-
-def photo_jpeg(size=(320, 240), seed=0) -> bytes:
-    """A JPEG with a photograph's detail (smooth shapes plus sensor-like noise)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), float)
-    noisy = (smooth + rng.normal(0, 12, smooth.shape)).clip(0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(noisy).save(out, "JPEG", quality=90)
-    return out.getvalue()
 
 
 def overwrite_mid_scan(data: bytes, fill: bytes) -> bytes:

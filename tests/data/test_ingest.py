@@ -15,6 +15,7 @@ import pytest
 from xlearner.config import DownstreamConfig, SourceConfig
 from xlearner.data.ingest import ingest_source, split_of
 from xlearner.data.source_files import SourceError
+from xlearner.lease import LEASE_SUFFIX
 from xlearner.store import TMP_MARK, StoreError, join, sha256_file
 from xlearner.store_keys import manifest_key
 
@@ -58,7 +59,8 @@ def test_ingest_publishes_manifest_and_shards(store, synth_data, tmp_path):
         "version": version,
         "manifest": f"{prefix}/manifest.json",
     }
-    listed = set(store.list("sources/src"))
+    # a local lease stays as an empty file beside the version (xlearner.lease); S3's is deleted
+    listed = {k for k in store.list("sources/src") if k != f"{prefix}{LEASE_SUFFIX}"}
     expected = {
         f"{prefix}/{s['file']}"
         for split in ("train", "val")
@@ -249,21 +251,21 @@ def test_max_side_re_encodes_big_images_and_scales_their_targets(tmp_path):
 
 
 def test_failed_upload_leaves_nothing_published_and_rerun_completes(store, synth_data, monkeypatch):
-    real_upload = store.upload_file
+    real_publish = store.publish_file
     calls = []
 
-    def flaky(key, path):
+    def flaky(key, path, sha256):
         calls.append(key)
         if len(calls) > 1:
             raise StoreError(f"{store.uri(key)}: injected network failure")
-        return real_upload(key, path)
+        return real_publish(key, path, sha256)
 
-    monkeypatch.setattr(store, "upload_file", flaky)
+    monkeypatch.setattr(store, "publish_file", flaky)
     with pytest.raises(StoreError, match="injected"):
         ingest(store, synth_data.paths["shapes_cls"], shard_bytes=SMALL_SHARDS)
     assert len(calls) == 2
     assert not [k for k in store.list("sources") if k.endswith(".json")]  # no manifest, no latest
-    monkeypatch.setattr(store, "upload_file", real_upload)
+    monkeypatch.setattr(store, "publish_file", real_publish)
     manifest, _ = ingest(store, synth_data.paths["shapes_cls"], shard_bytes=SMALL_SHARDS)
     assert store.exists(manifest_key("src", manifest["version"]))
 
@@ -274,16 +276,16 @@ import xlearner.store as st
 from xlearner.config import SourceConfig
 from xlearner.data.ingest import ingest_source
 
-real_sha = st.sha256_file
+store = st.open_store(sys.argv[1])
+real_publish = store.publish_file
 calls = []
-def slow_sha(path):  # called inside every publish: hang in the second one
-    calls.append(path)
+def slow_publish(key, path, sha256):  # publishes a shard: hang in the second one
+    calls.append(key)
     if len(calls) == 2:
         print("PUBLISHING", flush=True)
         time.sleep(120)
-    return real_sha(path)
-st.sha256_file = slow_sha
-store = st.open_store(sys.argv[1])
+    return real_publish(key, path, sha256)
+store.publish_file = slow_publish
 source = SourceConfig(name="src", format="cls", uri=sys.argv[2])
 ingest_source(source, store, shard_bytes=int(sys.argv[3]))
 print("FINISHED", flush=True)

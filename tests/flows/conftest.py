@@ -5,11 +5,13 @@ busybox-static and loaded with ``docker import``. The engine is the one already 
 (``docker info`` works) or, as root, a private ``dockerd`` started for the session on
 its own socket and data folder (vfs storage, no iptables, no bridge: containers use
 the host network) and stopped at the end. When neither is possible the tests skip and
-say what failed.
+say what failed. ``gpu_docker_engine`` is a second private ``dockerd`` that takes GPU
+requests on a host without GPUs (for the GPU allocation tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -35,6 +37,12 @@ echo "XLEARNER_RESULT {\\"argv\\": \\"$*\\", \\"uid\\": $(id -u)}"
 """
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nxlearner:x:10001:10001:xlearner:/tmp:/bin/sh\n"
 GROUP = "root:x:0:\nxlearner:x:10001:\n"
+# Stands in for the NVIDIA Container Toolkit: dockerd (20.10) registers its NVIDIA device
+# driver when this binary is on its PATH; a GPU request then sets NVIDIA_VISIBLE_DEVICES
+# in the container and runs `nvidia-container-runtime-hook prestart` (the container's
+# state on stdin) before it starts, which would mount the GPUs. This one mounts nothing.
+NVIDIA_HOOK = "nvidia-container-runtime-hook"
+FAKE_NVIDIA_HOOK = "#!/bin/sh\ncat >/dev/null\nexit 0\n"
 
 
 @dataclass
@@ -72,7 +80,8 @@ def _ensure_dockerd() -> str | None:
     return shutil.which("dockerd")
 
 
-def _start_dockerd(root: Path) -> tuple[subprocess.Popen, str]:
+def _start_dockerd(root: Path, path: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``dockerd`` on its own socket under ``root``, with ``path`` as its PATH if given."""
     socket = root / "docker.sock"
     base_url = f"unix://{socket}"
     log_path = root / "dockerd.log"
@@ -90,6 +99,7 @@ def _start_dockerd(root: Path) -> tuple[subprocess.Popen, str]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command,
+            env={**os.environ, "PATH": path} if path else None,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -209,15 +219,29 @@ def docker_engine() -> Iterator[DockerEngine]:
         return
     if os.geteuid() != 0:
         pytest.skip("no Docker engine answers (docker info fails) and starting dockerd needs root")
+    with _private_engine() as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def _private_engine(fake_nvidia: bool = False) -> Iterator[DockerEngine]:
+    """A ``dockerd`` of our own (root only), with the fake NVIDIA hook on its PATH if asked."""
     if _ensure_dockerd() is None:
         pytest.skip(
             "no Docker engine answers and dockerd is not installed "
             "(scripts/install-system-deps.sh installs Debian's docker.io)"
         )
     root = Path(tempfile.mkdtemp(prefix="xl-dockerd-"))  # short: unix socket paths are limited
-    process = None
+    process = client = None
+    path = None
+    if fake_nvidia:
+        (root / "bin").mkdir()
+        hook = root / "bin" / NVIDIA_HOOK
+        hook.write_text(FAKE_NVIDIA_HOOK)
+        hook.chmod(0o755)
+        path = f"{root / 'bin'}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     try:
-        process, base_url = _start_dockerd(root)
+        process, base_url = _start_dockerd(root, path)
         client = _connect(base_url)
         yield DockerEngine(client=client, base_url=base_url, image=_test_image(client))
     finally:
@@ -227,3 +251,14 @@ def docker_engine() -> Iterator[DockerEngine]:
             _stop_dockerd(process)
         _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_docker_engine() -> Iterator[DockerEngine]:
+    """A private engine that grants GPU requests without GPUs (the fake NVIDIA hook, see
+    :data:`FAKE_NVIDIA_HOOK`): always a second ``dockerd`` of our own, never the running one."""
+    pytest.importorskip("docker", reason="the docker SDK is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("an engine with a fake NVIDIA hook is a dockerd of our own: that needs root")
+    with _private_engine(fake_nvidia=True) as engine:
+        yield engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -13,8 +14,20 @@ import pytest
 
 from flows.operator import DATA_ROOTS_ENV, IMAGE_ENV, NETWORK_ENV, VOLUMES_ENV, DockerSettings
 from flows.runners import STAGE_LABEL, DockerRunner, StageFailed, make_runner
+from flows.runners.docker import (
+    OWNER_HOST_LABEL,
+    OWNER_PID_LABEL,
+    OWNER_STARTED_LABEL,
+    owner_labels,
+)
 from tests.pipeline_config import tiny_config_dict
-from xlearner.config import ConfigError, DockerRunnerConfig, RunnerConfig, validate_config
+from xlearner.config import (
+    ConfigError,
+    DockerRunnerConfig,
+    RunnerConfig,
+    StageResources,
+    validate_config,
+)
 
 pytestmark = pytest.mark.integration  # a real Docker engine (started here if needed)
 
@@ -65,6 +78,19 @@ def test_stage_runs_as_non_root_under_the_stage_protocol(docker_engine):
     assert result.returncode == 0
     assert result.result == {"argv": f"-m stages.{stage} --out s3://bucket/run", "uid": 10001}
     assert stage_containers(docker_engine, stage) == []  # removed after success
+
+
+def test_a_stage_of_two_processes_runs_under_torchrun_in_its_container(docker_engine):
+    stage = unique("reconcile")
+    lines: list[str] = []
+    engine_runner(docker_engine).run(
+        stage, ["--out", "s3://b/r"], log=lines.append, gpu_ids=[],
+        resources=StageResources(gpus=-1, procs_per_node=2),
+    )  # fmt: skip
+    assert lines[0] == (
+        "python -m torch.distributed.run --nproc-per-node 2 --standalone --max-restarts 0 "
+        f"-m stages.{stage} --out s3://b/r as 10001:10001"
+    )
 
 
 def test_lines_stream_as_they_come(docker_engine):
@@ -169,36 +195,79 @@ def test_cancelled_run_stops_and_removes_the_container(docker_engine, sig):
     assert wait_until(lambda: stage_containers(docker_engine, stage) == [], timeout_s=5)
 
 
-@pytest.mark.parametrize("gpus", [0, -1, 2])
-def test_container_settings_reach_the_engine(docker_engine, tmp_path, gpus):
+def test_the_next_runner_removes_the_containers_of_a_runner_killed_with_sigkill(
+    docker_engine, caplog
+):
+    stage = unique("orphan")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CANCELLED_CHILD, docker_engine.image, stage],
+        env=docker_engine.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "started"
+    finally:
+        child.kill()  # SIGKILL: nothing of the runner gets to stop its container
+        child.wait()
+    [orphan] = stage_containers(docker_engine, stage)
+    assert orphan.status == "running" and orphan.labels[OWNER_PID_LABEL] == str(child.pid)
+
+    def create(**owner: str):
+        labels = {**owner_labels(), STAGE_LABEL: stage, **owner}
+        return docker_engine.client.containers.create(
+            docker_engine.image, ["sleep", "60"], labels=labels
+        )
+
+    reused = create(**{OWNER_STARTED_LABEL: "1"})  # this pid, but an earlier process's
+    mine = create()  # this process: running
+    elsewhere = create(**{OWNER_HOST_LABEL: "other-host/pid:[1]", OWNER_PID_LABEL: "1"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="xlearner.stages"):
+            engine_runner(docker_engine).run_command(
+                ["true"], stage=unique("next"), log=lambda _: None
+            )
+        left = {c.name for c in stage_containers(docker_engine, stage)}
+        assert left == {mine.name, elsewhere.name}
+        assert (
+            f"removed leftover container {orphan.name} of stage {stage!r}: its runner "
+            f"(pid {child.pid} on this host) is gone" in caplog.text
+        )
+        assert reused.name in caplog.text
+    finally:
+        for container in stage_containers(docker_engine, stage):
+            container.remove(force=True)
+
+
+@pytest.mark.parametrize("gpu_ids", [None, [], ["1", "3"]])
+def test_container_settings_reach_the_engine(docker_engine, tmp_path, gpu_ids):
     # No GPU here: the container is created (not started) and inspected.
     runner = engine_runner(
-        docker_engine,
-        gpus=gpus,
-        shm_size="64m",
-        volumes=[f"{tmp_path}:/data:ro"],
-        labels={"team": "vision"},
+        docker_engine, shm_size="64m", volumes=[f"{tmp_path}:/data:ro"], labels={"team": "vision"}
     )
     stage = unique("settings")
+    resources = StageResources(gpus=len(gpu_ids or []), cpus=1.5, memory="256m")
     container = docker_engine.client.containers.create(
-        **runner.container_kwargs(["true"], stage=stage)
+        **runner.container_kwargs(["true"], stage=stage, resources=resources, gpu_ids=gpu_ids)
     )
     try:
         attrs = docker_engine.client.api.inspect_container(container.id)
     finally:
         container.remove(force=True)
     host = attrs["HostConfig"]
-    if gpus == 0:
+    if not gpu_ids:
         assert not host.get("DeviceRequests")
-    else:
+    else:  # these very devices, never a count (the engine's "first N" for every container)
         [request] = host["DeviceRequests"]
-        assert request["Count"] == gpus and request["Capabilities"] == [["gpu"]]
+        assert request["DeviceIDs"] == gpu_ids and not request["Count"]
+        assert request["Capabilities"] == [["gpu"]]
+    assert host["NanoCpus"] == 1_500_000_000 and host["Memory"] == 256 * 1024 * 1024
     assert host["ShmSize"] == 64 * 1024 * 1024
     assert host["NetworkMode"] == "host"
     assert host["Binds"] == [f"{tmp_path}:/data:ro"]
     assert host["Init"] is True
     assert attrs["Config"]["User"] == "10001:10001"
-    assert attrs["Config"]["Labels"] == {"team": "vision", STAGE_LABEL: stage}
+    assert attrs["Config"]["Labels"] == {"team": "vision", **owner_labels(), STAGE_LABEL: stage}
 
 
 def test_only_listed_variables_pass_through(docker_engine, monkeypatch):
@@ -233,8 +302,10 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_clearly(docker_engine):
     if any(rt == "nvidia" for rt in docker_engine.client.info().get("Runtimes", {})):
         pytest.skip("this engine has the NVIDIA runtime: the request could succeed")
     stage = unique("gpu")
-    with pytest.raises(RuntimeError, match=r"runner.docker.gpus=-1\): the host needs"):
-        engine_runner(docker_engine, gpus=-1).run_command(["true"], stage=stage, log=lambda _: None)
+    with pytest.raises(RuntimeError, match=rf"GPUs 0,1 \(resources.{stage}.gpus\): the host needs"):
+        engine_runner(docker_engine).run_command(
+            ["true"], stage=stage, log=lambda _: None, gpu_ids=["0", "1"]
+        )
     assert stage_containers(docker_engine, stage) == []
 
 
@@ -266,7 +337,13 @@ HOSTILE_FORM_VALUES = [
     ({"image": "attacker/image:1"}, "runner.docker.image: set by whoever runs the stack"),
     ({"network_mode": "host"}, "in the worker's environment (network_mode: XLEARNER_DOCKER_NET"),
     ({"env_passthrough": ["HOME"]}, "env_passthrough: XLEARNER_DOCKER_ENV_PASSTHROUGH"),
-    ({"gpus": -2}, "runner.docker.gpus: Input should be greater than or equal to -1"),
+    (
+        {"gpus": 2},
+        "runner.docker.gpus: replaced by per-stage GPU counts; remove it and set "
+        "resources.<stage>.gpus",
+    ),
+    ({"gpu_ids": ["0", "../x"]}, "runner.docker.gpu_ids: ['../x']: expected GPU indexes"),
+    ({"gpu_ids": [0, 0]}, "runner.docker.gpu_ids: ['0', '0']: each GPU once"),
     ({"shm_size": "1e9"}, "runner.docker.shm_size: '1e9': expected a size such as 512m"),
 ]
 
@@ -284,7 +361,7 @@ def test_operator_settings_are_not_in_the_parameter_form():
     from xlearner.config import PipelineConfig
 
     form = PipelineConfig.model_json_schema()["$defs"]["DockerRunnerConfig"]["properties"]
-    assert set(form) == {"gpus", "shm_size", "user", "timeout_s", "labels", "volumes"}
+    assert set(form) == {"gpu_ids", "shm_size", "user", "timeout_s", "labels", "volumes"}
 
 
 def test_binds_outside_the_operators_data_roots_are_refused(monkeypatch, tmp_path):

@@ -207,13 +207,28 @@ def test_redact_and_secret_values():
     assert redact(text, secret_values(env)) == "*** *** *** http://mlflow:5000 s3://u:***@host/x ab"
 
 
+@pytest.mark.parametrize("gpu_ids, seen", [(["2", "3"], "'2,3'"), ([], "''"), (None, "None")])
+def test_a_local_stage_sees_only_the_gpus_it_was_given(gpu_ids, seen, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    lines: list[str] = []
+    show = "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"
+    ProcessRunner().run_command(
+        [sys.executable, "-c", show], stage="gpus", log=lines.append, gpu_ids=gpu_ids
+    )
+    assert lines == [seen]
+
+
 def test_make_runner():
     process_runner = make_runner(RunnerConfig())
     assert isinstance(process_runner, ProcessRunner) and process_runner.warm_start
     assert not make_runner(RunnerConfig(warm_start=False)).warm_start
-    docker_runner = make_runner(RunnerConfig(kind="docker", docker={"gpus": -1}))
+    docker_runner = make_runner(RunnerConfig(kind="docker", docker={"gpu_ids": [0, 1]}))
     assert isinstance(docker_runner, DockerRunner)
-    assert docker_runner.config.gpus == -1
+    assert docker_runner.config.gpu_ids == ["0", "1"]
+    from flows.runners.ray import RayRunner  # imported by make_runner only for kind ray
+
+    ray_runner = make_runner(RunnerConfig(kind="ray", ray={"address": "127.0.0.1:6379"}))
+    assert isinstance(ray_runner, RayRunner) and ray_runner.config.address == "127.0.0.1:6379"
 
 
 # --- warm start: stages forked from the fork server that imported them -----------------

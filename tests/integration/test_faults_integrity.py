@@ -28,7 +28,7 @@ import yaml
 
 from flows import plan, publish
 from flows.runners import StageFailed
-from flows.runners.base import StageRun
+from flows.runners.base import StageRun, StageRunner
 from stages import expand, ingest
 from tests.model.test_engine import ENGINE, LinearModel, streams, weights
 from tests.pipeline_config import TINY_TRAIN, tiny_config_dict
@@ -207,11 +207,11 @@ def test_damaged_backbone_is_named_never_registered_and_rerun(published, registr
     assert registrations[0]["backbone.safetensors"] != actual
 
 
-class InProcessRunner:
+class InProcessRunner(StageRunner):
     """Runs the stage's ``main`` in this process (the stage itself is real; only the child
     process and its imports, tens of seconds on a busy machine, are saved)."""
 
-    def run(self, stage: str, argv: list[str], env=None, log=print) -> StageRun:
+    def run(self, stage: str, argv: list[str], env=None, log=print, **launch) -> StageRun:
         module = importlib.import_module(f"stages.{stage}")
         code, out = run_main(module.main, argv)
         for line in out.splitlines():

@@ -56,10 +56,16 @@ class Recorder:
         self.events.extend(events)
 
 
-def fresh_source(synth_root: Path, tmp_path: Path, name: str = "fresh_cls") -> SourceConfig:
-    """A source no config lists yet: a copy of a synthetic classification source."""
-    folder = shutil.copytree(synth_root / "down_cls_b", tmp_path / name)
-    return SourceConfig(name=name, format="cls", uri=str(folder), val_fraction=0.25)
+def fresh_source(
+    synth_root: Path,
+    tmp_path: Path,
+    name: str = "fresh_cls",
+    copy_of: str = "down_cls_b",
+    format: str = "cls",
+) -> SourceConfig:
+    """A source no config lists yet: a copy of a synthetic source (classification by default)."""
+    folder = shutil.copytree(synth_root / copy_of, tmp_path / name)
+    return SourceConfig(name=name, format=format, uri=str(folder), val_fraction=0.25)
 
 
 def change_one_image(folder: Path) -> None:
@@ -94,7 +100,8 @@ def test_new_source_is_announced_once_with_the_updated_source_list(
     assert [s.name for s in config.sources] == [*(s.name for s in cfg.sources), "fresh_cls"]
     added = config.sources[-1]
     assert (added.format, added.uri, added.val_fraction) == ("cls", fresh.uri, 0.25)
-    assert config.model_copy(update={"sources": cfg.sources}) == cfg
+    assert config.compare == ["without:fresh_cls"]  # did it help? the same X-Learner without it
+    assert config.model_copy(update={"sources": cfg.sources, "compare": cfg.compare}) == cfg
     assert read_state(store, cfg.name) == {"fresh_cls": {manifest["version"]: ANNOUNCED}}
 
     again = Recorder()
@@ -108,6 +115,42 @@ def test_new_source_is_announced_once_with_the_updated_source_list(
     announced = announce(cfg, store, source_roots=[str(tmp_path)], emit=third)
     assert [v.version for v in announced] == [newer["version"]]
     assert third.events[0].id != event.id
+
+
+def test_a_new_source_is_compared_with_the_run_without_it(synth_data, tmp_path):
+    """The triggered run answers "did the new source help?": a `without:` row beside the
+    X-Learner row, for the sources announced now only."""
+    cfg = tiny_config(
+        str(synth_data.root), str(tmp_path / "store"), name="tiny-helped", variant="hard_sharing"
+    )
+    store = open_store(cfg.store.uri)
+    attr = fresh_source(synth_data.root, tmp_path, "fresh_attr", "shapes_attr", "multilabel")
+    unlabeled = fresh_source(
+        synth_data.root, tmp_path, "fresh_raw", "shapes_unlabeled", "unlabeled"
+    )
+    for source in (attr, unlabeled):
+        ingest_source(source, store, image_size=cfg.model.image_size)
+    landed, lines = latest_versions(store), []
+
+    # fresh_attr is the only source of its one task: leaving it out is `without:multilabel`;
+    # the main variant is hard sharing, so the X-Learner row it is measured against joins
+    config = updated_config(cfg, store, landed, compare_new=["fresh_attr"], log=lines.append)
+    assert [s.name for s in config.sources][-2:] == ["fresh_attr", "fresh_raw"]
+    assert config.compare == ["xlearner", "without:multilabel"]
+    left = [s.name for s in config.without("multilabel").sources]
+    assert left == [*(s.name for s in cfg.sources), "fresh_raw"]
+    assert "without:multilabel: did the new source help?" in lines[-1]
+
+    # fresh_raw alone feeds both self-supervised tasks: no one entry leaves just it out
+    lines.clear()
+    config = updated_config(cfg, store, landed, compare_new=["fresh_raw"], log=lines.append)
+    assert config.compare == []
+    assert lines[0].startswith("no `without:` row for the new source fresh_raw: ")
+    assert "'fresh_raw' is the only source of task(s) ['contrastive', 'mim']" in lines[0]
+
+    # a source the config lists already gets no row; nor do adopted ones not announced now
+    config = updated_config(cfg, store, landed, compare_new=["shapes_cls"])
+    assert config.compare == [] and len(config.sources) == len(cfg.sources) + 2
 
 
 def test_versions_a_pipeline_run_ingested_are_not_news(local_setup, synth_data):
@@ -228,6 +271,7 @@ def test_landed_source_starts_exactly_one_pipeline_run(
     sources = {s["name"]: s for s in run.parameters["config"]["sources"]}
     assert sources["fresh_cls"]["uri"] == fresh.uri
     assert set(sources) == {*(s.name for s in cfg.sources), "fresh_cls"}
+    assert run.parameters["config"]["compare"] == ["without:fresh_cls"]  # did it help?
 
     # Nothing new: no event. A crash between emit and record: the same event id again,
     # which the server drops.
@@ -244,6 +288,7 @@ def test_landed_source_starts_exactly_one_pipeline_run(
     assert len(runs) == 2, [r.parameters["config"]["sources"] for r in runs]
     newest = max(runs, key=lambda r: r.created)
     assert {s["name"] for s in newest.parameters["config"]["sources"]} == set(sources)
+    assert "compare" not in newest.parameters["config"]  # a listed source: no without: row
 
     assert "nothing to do" in add_source(cfg, "shapes_cls")  # same version again
     assert watch_sources(deployment=deployment) == []

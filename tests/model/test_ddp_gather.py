@@ -1,4 +1,5 @@
-"""A real 2-process CPU DDP run (gloo): the all-gathered NT-Xent equals the full-batch loss.
+"""A real 2-process CPU DDP run (gloo): the all-gathered NT-Xent equals the full-batch loss;
+the engine's logged losses are the mean over the ranks; rank 0's decisions reach every rank.
 
 The workers run under ``torchrun --standalone`` in fresh interpreters (this file is their
 script): forking the pytest process, which by then holds Prefect's and MLflow's threads,
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from xlearner import distributed
+from xlearner.engine import LossWindow
 from xlearner.models.ssl import nt_xent_loss
 
 WORLD = 2
@@ -53,9 +55,24 @@ def _worker(out_dir: str) -> None:
         weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
         (gathered * weights * (rank + 1)).sum().backward()
 
+        # the engine's logged losses: the mean over the ranks, not rank 0's
+        window = LossWindow(device)
+        window.add(1, {"loss": torch.tensor(float(rank + 1)), "b": torch.tensor(10.0 * rank)})
+        logged = window.read()
+        told = distributed.broadcast_object({"from": rank})
+        anyone = distributed.any_rank(rank == 1)
+        with distributed.local_only():  # rank 0 working alone: no collective waits
+            alone = distributed.is_distributed()
+            if rank == 0:
+                distributed.all_gather_with_grad(torch.ones(2, 1))
+
         distributed.barrier()
         torch.save(
             {
+                "logged": torch.tensor([logged["loss"], logged["b"]]),
+                "told": torch.tensor(told["from"]),
+                "anyone": torch.tensor(anyone),
+                "alone": torch.tensor(alone),
                 "loss": loss.detach(),
                 "grad_z1": z1.grad,
                 "grad_z2": z2.grad,
@@ -93,6 +110,10 @@ def test_all_gather_nt_xent_matches_single_process(tmp_path: Path) -> None:
         ddp_grad = torch.cat([r[name] for r in results]) / WORLD
         torch.testing.assert_close(ddp_grad, full_grad)
 
+    for result in results:  # mean over ranks; rank 0's object; one rank's flag for all
+        torch.testing.assert_close(result["logged"], torch.tensor([1.5, 5.0]))
+        assert int(result["told"]) == 0 and bool(result["anyone"]) and not bool(result["alone"])
+
     # Uneven batches: every rank sees all rows in rank order; each row's gradient sums
     # the weights it had on every rank: w * (1 + 2).
     rows = torch.arange(sum(UNEVEN_SIZES), dtype=torch.float32)[:, None].repeat(1, 3)
@@ -114,6 +135,8 @@ def test_helpers_without_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     tensor = torch.randn(3, 4, requires_grad=True)
     assert distributed.all_gather_with_grad(tensor) is tensor
     distributed.barrier()  # no-op
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.init_from_env("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):
         distributed.init_from_env("tpu")

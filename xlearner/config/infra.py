@@ -21,6 +21,8 @@ DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 BIND_MODES = ("ro", "rw")
 SIZE = re.compile(r"^[1-9][0-9]*[bkmg]?$")
 USER = re.compile(r"^(?P<uid>[0-9]+)(:(?P<gid>[0-9]+))?$")
+# A GPU as Docker and CUDA name it: an index (0) or a UUID (GPU-..., MIG-...).
+GPU_ID = re.compile(r"^[0-9]{1,4}$|^(GPU|MIG)-[A-Za-z0-9-]{1,80}$")
 
 
 def check_bind(bind: str) -> str:
@@ -50,7 +52,12 @@ class DockerRunnerConfig(StrictModel):
     checked where the stages start (``flows.runners.make_runner``).
     """
 
-    gpus: int = Field(default=0, ge=-1, description="0: no GPU request; -1: all GPUs; N: N GPUs")
+    gpu_ids: list[str] | None = Field(
+        default=None,
+        max_length=1024,
+        description="the host's GPUs (indexes or UUIDs) the stages share; None: detected "
+        "with nvidia-smi (none when it is absent); []: every stage on CPU",
+    )
     shm_size: str = Field(default="2g", description="/dev/shm size: a number with b, k, m or g")
     user: str = Field(
         default="10001:10001", description="uid:gid in the container, numeric and not root (0)"
@@ -72,7 +79,35 @@ class DockerRunnerConfig(StrictModel):
                 f"runner.docker.{', runner.docker.'.join(given)}: set by whoever runs the stack, "
                 f"in the worker's environment ({where}), not in the config; remove it"
             )
+        if isinstance(data, dict) and "gpus" in data:
+            raise ValueError(
+                "runner.docker.gpus: replaced by per-stage GPU counts; remove it and set "
+                "resources.<stage>.gpus (e.g. resources.expand.gpus: 1, resources.reconcile."
+                "gpus: -1 for all), with the host's GPUs in runner.docker.gpu_ids"
+            )
         return data
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _indexes_as_text(cls, value: Any) -> Any:
+        """YAML's ``[0, 1]`` means the ids ``"0"`` and ``"1"``."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _gpu_ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if bad := [gpu for gpu in value if not GPU_ID.match(gpu)]:
+            raise ValueError(
+                f"{bad}: expected GPU indexes (0, 1, ...) or UUIDs (GPU-..., MIG-...) as "
+                "nvidia-smi --query-gpu=index,uuid lists them"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: each GPU once")
+        return value
 
     @field_validator("shm_size")
     @classmethod

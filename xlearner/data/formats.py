@@ -20,7 +20,7 @@ import itertools
 import os
 import posixpath
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +71,9 @@ class Record:
     sha256: str = ""  # of ``data``
     file_sha256: str = ""  # of the source file (``data`` differs where it was normalised)
     split: str | None = None  # "train" / "val" when the layout fixes it (Entry.split)
+
+
+Transform = Callable[[Record], Record]
 
 
 def _index_cls(files: SourceFiles, listing: list[str]) -> SourceIndex:
@@ -240,11 +243,15 @@ class SourceReader:
         format: SourceFormat | str,
         endpoint_url: str | None = None,
         workers: int | None = None,
+        validated: Collection[str] = (),
     ):
+        """``validated``: sha256s of files that passed these image checks before (in a
+        published version): their images are not decoded again."""
         self.uri = uri
+        self.validated = frozenset(validated)
         self.format = SourceFormat(format)
         self.files = open_source_files(uri, endpoint_url)
-        self.workers = workers or min(8, (os.cpu_count() or 1) + 2)
+        self.workers = workers or min(8, len(os.sched_getaffinity(0)) + 2)
         listing, problems = self.files.list()
         try:
             index = INDEXERS[self.format](self.files, listing)
@@ -265,13 +272,14 @@ class SourceReader:
                 [Problem("", f"empty source: no images found for format {self.format.value!r}")],
             )
 
-    def _load(self, entry: Entry) -> Record | list[Problem]:
+    def _load(self, entry: Entry, transform: Transform | None = None) -> Record | list[Problem]:
         try:
             data = self.files.read(entry.file)
         except (OSError, StoreError) as err:
             return [Problem(entry.file, f"unreadable file: {err}")]
+        file_sha256 = hashlib.sha256(data).hexdigest()
         try:
-            image = read_image(data)
+            image = read_image(data, validated=file_sha256 in self.validated)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
             return [Problem(entry.file, f"corrupt or truncated image: {err}")]
         width, height = image.width, image.height
@@ -291,7 +299,7 @@ class SourceReader:
             errors += mask_errors
         if errors:
             return [Problem(entry.file, e) for e in errors]
-        return Record(
+        record = Record(
             entry.file,
             label,
             image.data,
@@ -299,13 +307,19 @@ class SourceReader:
             width,
             height,
             mask,
-            sha256=hashlib.sha256(image.data).hexdigest(),
-            file_sha256=hashlib.sha256(data).hexdigest(),
+            sha256=file_sha256 if image.data is data else hashlib.sha256(image.data).hexdigest(),
+            file_sha256=file_sha256,
             split=entry.split,
         )
+        return transform(record) if transform is not None else record
 
-    def records(self, skip_invalid: bool = False) -> Iterator[Record]:
+    def records(
+        self, skip_invalid: bool = False, transform: Transform | None = None
+    ) -> Iterator[Record]:
         """Valid records in file order; problems accumulate in ``self.problems``.
+
+        ``transform`` (e.g. ingest's downscale) runs on each valid record in the worker
+        threads that read it.
 
         Raises :class:`SourceError` at the end when there were problems (unless
         ``skip_invalid``) or when no record is valid.
@@ -316,11 +330,11 @@ class SourceReader:
         with ThreadPoolExecutor(self.workers) as pool:  # PIL and hashlib release the GIL
             # A sliding window of 4 x workers loads: bounded memory, no pipeline bubbles.
             for entry in itertools.islice(entries, 4 * self.workers):
-                in_flight.append(pool.submit(self._load, entry))
+                in_flight.append(pool.submit(self._load, entry, transform))
             while in_flight:
                 result = in_flight.popleft().result()
                 if (entry := next(entries, None)) is not None:
-                    in_flight.append(pool.submit(self._load, entry))
+                    in_flight.append(pool.submit(self._load, entry, transform))
                 if isinstance(result, Record):
                     valid += 1
                     yield result

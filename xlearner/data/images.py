@@ -1,14 +1,16 @@
 """Reading a source image at ingest: a complete decode that fails on damage, and the image
 normalised so that every later reader (PIL or nvjpeg) sees it as it is meant to look.
 
-- **Damage.** A PNG's chunk checksums are verified, then it is decoded. A JPEG's markers
-  are walked (a marker that cannot be inside a scan, restarts out of order), then it is
-  decoded without the last :data:`SCAN_TAIL` bytes of its scan, which must fail for want
-  of them: bytes overwritten inside a scan often make libjpeg finish it early, with only a
-  warning that Pillow does not report (the rest of the image is garbage, not an error).
-  Not caught: damage that makes the decoder run past the scan's end (it pads with zeros,
-  and Pillow cannot tell), and damage inside one restart interval, or in any but the last
-  scan of a progressive JPEG, that leaves the markers intact.
+- **Damage.** A PNG's chunk checksums are verified, then it is decoded. A JPEG is
+  decoded by libjpeg-turbo (``simplejpeg``, strict) with its "Corrupt JPEG data"
+  warnings (premature end of a data segment, a bad Huffman code, extraneous bytes before
+  a marker, restart markers out of order) raised as errors: Pillow decodes with the same
+  library but drops those warnings, so bytes overwritten inside a scan decoded as a
+  picture, most often in smooth images, where the decoder runs past the damaged data and
+  pads the rest. Every coded byte is decoded; the inverse DCT runs at 1/8 size, which
+  makes the check cheap. Not caught, by any decoder: damage that leaves a valid coded
+  stream (a few bytes whose Huffman codes happen to resynchronise before the end of their
+  restart interval or scan): the file is then a valid JPEG of a slightly different picture.
 - **Orientation.** An EXIF Orientation other than 1 is applied (``ImageOps.exif_transpose``)
   and the image re-encoded without it: sizes, boxes and masks refer to the image as shown.
 - **Bit depth.** 16-bit greyscale (Pillow modes ``I;16*``, ``I``) is scaled to 8 bit
@@ -19,10 +21,10 @@ normalised so that every later reader (PIL or nvjpeg) sees it as it is meant to 
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -30,13 +32,7 @@ HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ORIENTATION_TAG = 0x0112
 ORIENTED = range(2, 9)  # EXIF orientations that need a transpose (1: as stored)
 JPEG_QUALITY = 95  # of an image re-encoded to apply its orientation
-SCAN_TAIL = 16  # bytes cut off the end of a JPEG's scan: a sound scan cannot decode without them
-TRUNCATED = "image file is truncated"  # how Pillow says that the decoder wanted more bytes
-
-# a marker inside entropy-coded data: 0xFF not followed by a stuffed 0x00 or a restart marker
-_SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
-_RESTART = re.compile(rb"\xff[\xd0-\xd7]")
-_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
+IMAGE_CHECKS = 2  # the version of these checks; 2: JPEGs decoded with libjpeg's warnings as errors
 
 
 @dataclass(frozen=True)
@@ -49,45 +45,6 @@ class SourceImage:
     height: int
     data: bytes
     normalised: str | None = None
-
-
-def _last_scan(data: bytes) -> tuple[int, int]:
-    """Where a JPEG's last scan's entropy-coded data starts and ends (at the EOI marker);
-    ValueError naming the first structural damage (an impossible marker inside a scan,
-    restarts out of order)."""
-    i, start = 2, 0
-    while True:
-        if i + 1 >= len(data) or data[i] != 0xFF:
-            raise ValueError(
-                f"JPEG data damaged: no marker at byte {i}, where the previous segment ends"
-            )
-        while i + 1 < len(data) and data[i + 1] == 0xFF:  # fill bytes
-            i += 1
-        marker = data[i + 1]
-        if marker == 0xD9:
-            return start, i
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker != 0xDA:
-            i = end
-            continue
-        start = end
-        found = _SCAN_MARKER.search(data, end)
-        if found is None:
-            raise ValueError("JPEG data damaged: the scan has no end marker (truncated)")
-        i = found.start()
-        for k, restart in enumerate(_RESTART.finditer(data, end, i)):
-            if data[restart.start() + 1] - 0xD0 != k % 8:
-                raise ValueError(
-                    f"JPEG data damaged: restart markers out of order at byte {restart.start()}"
-                )
-        following = data[i + 1]
-        if following < 0xC0 or following == 0xD8 or 0xF0 <= following <= 0xFD:
-            raise ValueError(
-                f"JPEG data damaged: marker 0xFF{following:02X} inside the scan at byte {i}"
-            )
 
 
 @dataclass(frozen=True)
@@ -116,26 +73,14 @@ def _header(image: Image.Image) -> _Header:
 
 
 def _check_jpeg(data: bytes) -> _Header:
-    """Decode a JPEG completely; ValueError if its scan data is damaged (see the module)."""
-    start, end = _last_scan(data)
-    cut = min(SCAN_TAIL, (end - start) // 2)  # 0: a scan of a byte or two, nothing to cut
-    with _open(data[: end - cut] if cut else data) as image:
+    """Decode a JPEG completely; ValueError if its coded data is damaged (see the module)."""
+    with _open(data) as image:
         header = _header(image)
-        # DCT scaling: every coded byte is still decoded (damage is still caught), but the
-        # inverse transform runs at 1/8 size, which makes validation cheap.
-        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-        try:
-            image.load()
-        except OSError as err:
-            if cut and str(err).startswith(TRUNCATED):
-                return header  # the decoder needs the bytes cut off, and decoded the others
-            raise
-    if not cut:
-        return header
-    raise ValueError(
-        f"JPEG data damaged: the decoder finished the image {cut}+ bytes before the end of "
-        "its scan, so bytes inside the scan were overwritten"
-    )
+    try:  # min_height/min_width 1: the smallest DCT scaling, 1/8
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+    except ValueError as err:
+        raise ValueError(f"JPEG data damaged: {err}") from None
+    return header
 
 
 def _check_png(data: bytes) -> _Header:
@@ -170,9 +115,17 @@ def _normalised(data: bytes, orientation: int) -> tuple[Image.Image, str]:
         return image, ", ".join(changes)
 
 
-def read_image(data: bytes) -> SourceImage:
-    """Decode ``data`` completely and normalise it (see the module); ValueError if damaged."""
-    header = _check_jpeg(data) if data[:2] == b"\xff\xd8" else _check_png(data)
+def read_image(data: bytes, validated: bool = False) -> SourceImage:
+    """Decode ``data`` completely and normalise it (see the module); ValueError if damaged.
+
+    ``validated``: these bytes passed the same checks (:data:`IMAGE_CHECKS`) before, as
+    their recorded sha256 shows, so only the header is read (and the image normalised).
+    """
+    if validated:
+        with _open(data) as image:
+            header = _header(image)
+    else:
+        header = _check_jpeg(data) if data[:2] == b"\xff\xd8" else _check_png(data)
     if header.mode not in HIGH_BIT_DEPTH and header.orientation not in ORIENTED:
         return SourceImage(header.format, header.width, header.height, data)
     image, what = _normalised(data, header.orientation)

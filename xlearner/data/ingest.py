@@ -2,11 +2,13 @@
 
 One pass over the source: every record is read and validated once (see
 :mod:`xlearner.data.formats`), hashed, assigned to train or val by a hash of its path,
-and appended to a local staging shard. The version is the content hash of everything
+and appended to a staging shard (hashed as it is written; in a local store's own staging
+folder, so that publishing it is a rename). The version is the content hash of everything
 that determines the shards (data, labels, split and packing parameters), so it is known
-only at the end; then the shards are published with atomic uploads and the manifest
-last: its presence means the version is complete. An existing manifest makes the
-ingest a no-op.
+only at the end; then, under the version's lease (one writer per version), the shards
+are published with atomic uploads or renames and the manifest last: its presence means
+the version is complete. An existing manifest makes the ingest a no-op. A file whose
+sha256 the latest version lists (:func:`validated_before`) is not decoded again.
 
 Shards are WebDataset-style tars (``train-000000.tar``, ...): per sample
 ``<key>.<jpg|png>`` (the original encoded bytes; re-encoded where
@@ -20,25 +22,28 @@ source file (the manifest records its own sha256): what
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
 from xlearner.config import DownstreamConfig, IngestConfig, SourceConfig
 from xlearner.data.formats import Record, SourceReader
-from xlearner.data.manifest import MANIFEST_FORMAT, seal
+from xlearner.data.held_out import file_hashes
+from xlearner.data.images import IMAGE_CHECKS
+from xlearner.data.manifest import MANIFEST_FORMAT, seal, seal_problems
 from xlearner.integrity import source_damage
+from xlearner.lease import DEFAULT_WAIT_S, output_lease
 from xlearner.progress import Progress
-from xlearner.store import ArtifactStore, S3Store, join
+from xlearner.store import ArtifactNotFound, ArtifactStore, S3Store, StoreError, join
 from xlearner.store_keys import manifest_key, source_latest, source_prefix
 from xlearner.tasks import SourceFormat, label_format
 
@@ -116,57 +121,87 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
 
 
 class ShardWriter:
-    """Writes one split's samples into tars of about ``shard_bytes`` each, reproducibly."""
+    """Writes one split's samples into tars of about ``shard_bytes`` each, reproducibly.
+
+    The bytes are those of :mod:`tarfile` (USTAR, mtime 0, mode 644; a test compares), but
+    each member is one write, hashed as it is written, so a shard is never read back.
+    """
 
     def __init__(self, folder: Path, split: str, shard_bytes: int):
         self.folder, self.split, self.shard_bytes = folder, split, shard_bytes
         self.shards: list[dict[str, Any]] = []
         self.records = 0
         self.bytes = 0
-        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._current: dict[str, Any] = {}
+        self._hash = hashlib.sha256()
+        self._filled = 0  # the sizes of write() so far in this shard: where shards are cut
+
+    def _put(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self._current["bytes"] += len(chunk)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0
-        self._tar.addfile(info, io.BytesIO(data))
+        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        self._put(b"".join((header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))))
 
     def write(self, record: Record, label_json: bytes) -> None:
         size = len(record.data) + len(label_json) + len(record.mask or b"") + 3 * 512
-        if self._tar is not None and self._current["bytes"] + size > self.shard_bytes:
+        if self._file is not None and self._filled + size > self.shard_bytes:
             self._close()
-        if self._tar is None:
+        if self._file is None:
             name = f"{self.split}-{len(self.shards):06d}.tar"
             self._current = {"file": name, "records": 0, "bytes": 0}
-            self._tar = tarfile.open(  # noqa: SIM115 - stays open across write() calls
-                self.folder / name, "w", format=tarfile.USTAR_FORMAT
-            )
+            self._file = open(self.folder / name, "wb")  # noqa: SIM115 - open across writes
+            self._hash, self._filled = hashlib.sha256(), 0
         key = f"{self.records:09d}"
         self._add(f"{key}.{record.image_format}", record.data)
         self._add(f"{key}.json", label_json)
         if record.mask is not None:
             self._add(f"{key}.mask.png", record.mask)
         self._current["records"] += 1
-        self._current["bytes"] += size
+        self._filled += size
         self.records += 1
         self.bytes += len(record.data)
 
     def _close(self) -> None:
-        self._tar.close()
-        self._tar = None
-        path = self.folder / self._current["file"]
-        self.shards.append(
-            {
-                "file": self._current["file"],
-                "records": self._current["records"],
-                "bytes": path.stat().st_size,
-            }
-        )
+        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # the end of the archive
+        self._put(tarfile.NUL * (-self._current["bytes"] % tarfile.RECORDSIZE))
+        self._file.close()
+        self._file = None
+        self.shards.append({**self._current, "sha256": self._hash.hexdigest()})
 
     def close(self) -> list[dict[str, Any]]:
-        if self._tar is not None:
+        if self._file is not None:
             self._close()
         return self.shards
+
+
+def validated_before(
+    store: ArtifactStore, name: str, log: Callable[[str], None] = logger.info
+) -> frozenset[str]:
+    """The sha256s of the source files that the latest published version of ``name``
+    validated with the current image checks (:data:`IMAGE_CHECKS`): ingest reads only
+    their headers. Trusted only through the records: the manifest's seal, then the
+    ``files.sha256`` list against the sha256 the manifest records; anything else
+    (no version, a damaged one, older checks) validates every file again."""
+    try:
+        key = store.read_json(source_latest(name))["manifest"]
+        manifest = store.read_json(key)
+        if seal_problems(manifest, key) or manifest.get("image_checks") != IMAGE_CHECKS:
+            return frozenset()
+        hashes = file_hashes(
+            store.uri(key), store.endpoint_url if isinstance(store, S3Store) else None
+        )
+    except ArtifactNotFound:
+        return frozenset()
+    except (StoreError, KeyError, TypeError, AttributeError, ValueError) as err:
+        log(f"ingest {name}: the latest version cannot be reused ({err}); checking every file")
+        return frozenset()
+    return frozenset(hashes or ())
 
 
 def ingest_source(
@@ -178,6 +213,9 @@ def ingest_source(
     shard_bytes: int = 128 * 2**20,
     log: Callable[[str], None] = logger.info,
     endpoint_url: str | None = None,
+    workers: int | None = None,
+    lease_wait_s: float = DEFAULT_WAIT_S,
+    run: str | None = None,
 ) -> dict[str, Any]:
     """Validate, split, shard and publish ``source`` to ``store``; returns the manifest.
 
@@ -185,13 +223,20 @@ def ingest_source(
     downscaled at ingest. ``options`` (the config's ``ingest`` section):
     ``max_side`` re-encodes images whose longer side exceeds it to that side. Both are
     part of the version. ``endpoint_url``: the S3 endpoint of an ``s3://`` source;
-    default: the store's.
+    default: the store's. ``workers``: threads reading and validating the images
+    (:class:`SourceReader`'s default when None); the shards do not depend on it.
+
+    The version's folder is published under its lease (:func:`output_lease`, owner
+    ``run``): one writer per source version; another ingest of the same version waits up
+    to ``lease_wait_s`` for it (then finds it published), or raises
+    :class:`~xlearner.lease.LeaseHeld` naming the writer.
     """
     max_side = options.max_side if options is not None else None
     if endpoint_url is None and isinstance(store, S3Store):
         endpoint_url = store.endpoint_url
     skip_invalid = getattr(source, "skip_invalid", False)
-    reader = SourceReader(source.uri, source.format, endpoint_url)
+    validated = validated_before(store, source.name, log)
+    reader = SourceReader(source.uri, source.format, endpoint_url, workers, validated)
     params = {
         "format": source.format.value,
         "classes": reader.classes,
@@ -213,11 +258,14 @@ def ingest_source(
         f"from {source.uri} ({source.format.value})"
     )
 
-    with tempfile.TemporaryDirectory(prefix="xlearner-ingest-") as staging:
-        writers = {s: ShardWriter(Path(staging), s, shard_bytes) for s in SPLITS}
-        for record in reader.records(skip_invalid):
-            if image_size is not None or max_side is not None:
-                record = downscale(record, image_size, max_side)
+    with store.staging() as staging:  # on a local store's file system: publish = rename
+        writers = {s: ShardWriter(staging, s, shard_bytes) for s in SPLITS}
+        shrink = (
+            functools.partial(downscale, image_size=image_size, max_side=max_side)
+            if image_size is not None or max_side is not None
+            else None
+        )
+        for record in reader.records(skip_invalid, transform=shrink):  # shrunk in parallel
             split = record.split or split_of(record.file, source.val_fraction, source.split_seed)
             layout_split = layout_split or record.split is not None
             label_json = json.dumps(
@@ -247,21 +295,70 @@ def ingest_source(
         version = content_hash[:16]
         prefix = source_prefix(source.name, version)
         key = manifest_key(source.name, version)
-        if store.exists(key):
-            if not (damage := source_damage(store, key)):
-                log(f"ingest {source.name}: version {version} is already published; nothing to do")
-                return store.read_json(key)
-            log(
-                f"ingest {source.name}: version {version} is damaged, publishing it again: "
-                + "; ".join(map(str, damage))
-            )
-        for split in SPLITS:
-            if not shards[split]:
-                log(f"ingest {source.name}: warning: the {split} split is empty")
-            for shard in shards[split]:
-                shard["sha256"] = store.upload_file(
-                    join(prefix, shard["file"]), Path(staging) / shard["file"]
+        lease_endpoint = store.endpoint_url if isinstance(store, S3Store) else None
+        with output_lease(store.uri(prefix), lease_endpoint, run=run, wait_s=lease_wait_s):
+            if store.exists(key):
+                if not (damage := source_damage(store, key)):
+                    log(
+                        f"ingest {source.name}: version {version} is already published; "
+                        "nothing to do"
+                    )
+                    return store.read_json(key)
+                log(
+                    f"ingest {source.name}: version {version} is damaged, publishing it "
+                    "again: " + "; ".join(map(str, damage))
                 )
+            for split in SPLITS:
+                if not shards[split]:
+                    log(f"ingest {source.name}: warning: the {split} split is empty")
+                for shard in shards[split]:
+                    store.publish_file(
+                        join(prefix, shard["file"]), staging / shard["file"], shard["sha256"]
+                    )
+            manifest = _publish_manifest(
+                store,
+                source,
+                reader,
+                version=version,
+                content_hash=content_hash,
+                hash_lines=hash_lines,
+                layout_split=layout_split,
+                image_size=image_size,
+                max_side=max_side,
+                splits={
+                    s: {
+                        "records": writers[s].records,
+                        "image_bytes": writers[s].bytes,
+                        "class_counts": counts[s],
+                        "shards": shards[s],
+                    }
+                    for s in SPLITS
+                },
+            )
+    log(
+        f"ingest {source.name}: published version {version} ({progress.items} images, "
+        f"{sum(len(v) for v in shards.values())} shards, {len(reader.problems)} skipped) "
+        f"in {progress.elapsed:.1f} s = {progress.rate():.0f} images/s"
+    )
+    return manifest
+
+
+def _publish_manifest(
+    store: ArtifactStore,
+    source: SourceConfig | DownstreamConfig,
+    reader: SourceReader,
+    *,
+    version: str,
+    content_hash: str,
+    hash_lines: list[str],
+    layout_split: bool,
+    image_size: int | None,
+    max_side: int | None,
+    splits: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Write the version's file hashes, its sealed manifest (last but ``latest.json``: its
+    presence = published) and ``latest.json``; returns the manifest."""
+    prefix = source_prefix(source.name, version)
     hashes_sha256 = store.write_bytes(
         join(prefix, FILE_HASHES), "".join(sorted(hash_lines)).encode()
     )
@@ -273,32 +370,21 @@ def ingest_source(
         "version": version,
         "content_hash": content_hash,
         "classes": reader.classes,
-        "num_classes": num_classes,
+        "num_classes": len(reader.classes),
         "split": {"val_fraction": source.val_fraction, "seed": source.split_seed}
         | ({"by": "layout"} if layout_split else {}),
         "image_size": image_size,
         "max_side": max_side,
-        "splits": {
-            s: {
-                "records": writers[s].records,
-                "image_bytes": writers[s].bytes,
-                "class_counts": counts[s],
-                "shards": shards[s],
-            }
-            for s in SPLITS
-        },
+        "splits": splits,
         "skipped": [{"file": p.file, "message": p.message} for p in reader.problems],
         "file_hashes": {"file": FILE_HASHES, "sha256": hashes_sha256},
+        "image_checks": IMAGE_CHECKS,  # what validated the files: validated_before
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if source.format != label_format(source.format):
         manifest["layout"] = source.format.value  # e.g. voc_det, ingested as det
     manifest = seal(manifest)  # a later edit is refused where it is read
+    key = manifest_key(source.name, version)
     store.write_json(key, manifest)  # last: its presence = published
     store.write_json(source_latest(source.name), {"version": version, "manifest": key})
-    log(
-        f"ingest {source.name}: published version {version} ({progress.items} images, "
-        f"{sum(len(v) for v in shards.values())} shards, {len(reader.problems)} skipped) "
-        f"in {progress.elapsed:.1f} s = {progress.rate():.0f} images/s"
-    )
     return manifest

@@ -12,6 +12,7 @@ encoder settings). JPEG and PNG are mixed within every source.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -280,6 +281,18 @@ class _Writer:
         if spec.format == "det":
             self.coco["categories"] = [{"id": k + 1, "name": s} for k, s in enumerate(spec.shapes)]
             (self.root / "annotations.json").write_text(json.dumps(self.coco, indent=1))
+
+
+def photo_jpeg(size: tuple[int, int] = (320, 240), seed: int = 0) -> bytes:
+    """A JPEG with a photograph's detail (smooth shapes plus sensor-like noise): what the
+    image checks see in real data, unlike the flat synthetic sources (tests, bench)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), float)
+    noisy = (smooth + rng.normal(0, 12, smooth.shape)).clip(0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def _voc_annotation(

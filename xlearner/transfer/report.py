@@ -265,43 +265,65 @@ def _markdown(report: dict) -> str:
     )
 
 
-def _chart(report: dict) -> Figure:
-    """Grouped bars: one group per row, one bar per summary metric that any row has."""
-    rows = report["rows"]
-    metrics = [key for key in SUMMARIES if any(row[key] is not None for row in rows)]
-    figure = Figure(figsize=(max(6.5, 1.3 * len(rows) + 2.5), 4.8), layout="constrained")
+def bar_chart(
+    title: str,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    errors: dict[str, list[float]] | None = None,
+) -> Figure:
+    """Grouped bars: one group per name in ``groups``, one bar per ``series`` (its label ->
+    one value per group; ``None``: not measured, drawn as ``-``), each labelled with its
+    value; ``errors``: the half-widths of the same series, drawn as error bars."""
+    figure = Figure(figsize=(max(6.5, 1.3 * len(groups) + 2.5), 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    cls_sets = len(report["datasets"]["cls"])
-    axes.set_title(f"Transfer evaluation per variant (AVG Cls over {cls_sets} classification sets)")
-    positions = range(len(rows))
+    axes.set_title(title)
+    positions = range(len(groups))
     axes.set_xticks(
-        list(positions), [textwrap.fill(row["name"], 14, break_long_words=False) for row in rows]
+        list(positions), [textwrap.fill(name, 14, break_long_words=False) for name in groups]
     )
     axes.set_ylabel("score (%)")
-    if not metrics:
+    if not series:
         axes.text(0.5, 0.5, "no complete metric to plot", ha="center", transform=axes.transAxes)
         return figure
-    width = 0.8 / len(metrics)
-    top = max(row[key] for row in rows for key in metrics if row[key] is not None)
-    for k, key in enumerate(metrics):
-        offsets = [p + (k - (len(metrics) - 1) / 2) * width for p in positions]
-        values = [row[key] for row in rows]
+    width = 0.8 / len(series)
+    top = 1.0
+    for k, (label, values) in enumerate(series.items()):
+        offsets = [p + (k - (len(series) - 1) / 2) * width for p in positions]
+        spread = (errors or {}).get(label, [0.0] * len(values))
+        drawn = [
+            (x, v, e) for x, v, e in zip(offsets, values, spread, strict=True) if v is not None
+        ]
         bars = axes.bar(
-            [x for x, v in zip(offsets, values, strict=True) if v is not None],
-            [v for v in values if v is not None],
+            [x for x, _, _ in drawn],
+            [v for _, v, _ in drawn],
             width * 0.95,
-            label=SUMMARIES[key],
+            yerr=[e for _, _, e in drawn] if errors else None,
+            capsize=3 if errors else 0,
+            label=label,
         )
         axes.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        top = max([top, *(v + e for _, v, e in drawn)])
         for x, value in zip(offsets, values, strict=True):
             if value is None:
                 axes.text(x, 0, MISSING, ha="center", va="bottom", color="0.4", fontsize=11)
-    axes.set_ylim(0, max(top * 1.15, 1.0))
+    axes.set_ylim(0, top * 1.15)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return figure
+
+
+def _chart(report: dict) -> Figure:
+    """One group per row, one bar per summary metric that any row has."""
+    rows = report["rows"]
+    metrics = [key for key in SUMMARIES if any(row[key] is not None for row in rows)]
+    cls_sets = len(report["datasets"]["cls"])
+    return bar_chart(
+        f"Transfer evaluation per variant (AVG Cls over {cls_sets} classification sets)",
+        [row["name"] for row in rows],
+        {SUMMARIES[key]: [row[key] for row in rows] for key in metrics},
+    )
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -15,11 +15,9 @@ with their intervals as error bars). Scores are percentages; ``-``: not measured
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from xlearner.claims import CLOSE_TOLERANCE, METRICS, evaluate_claims
@@ -27,9 +25,10 @@ from xlearner.integrity import verified_result
 from xlearner.stats import CONFIDENCE, mean_interval, paired_difference
 from xlearner.store import atomic_write, open_store
 from xlearner.store_keys import RESULT, results_latest
-from xlearner.transfer.report import MISSING, TASKS, check_report, markdown_table
+from xlearner.transfer.report import MISSING, TASKS, bar_chart, check_report, markdown_table
 
 RESULTS_FORMAT = "xlearner-results/1"
+AP50 = "ap50"  # a report row's det dataset -> PASCAL VOC AP50
 INDEX_FORMAT = "xlearner-results-index/1"
 
 
@@ -47,8 +46,8 @@ def _scores(reports: Mapping[int, dict]) -> tuple[list[str], dict, dict[str, lis
                 names.append(row["name"])
             per_metric = scores.setdefault(row["name"], {})
             measured = {key: row.get(key) for key in METRICS}
-            for task in TASKS:
-                measured |= {f"{task}:{d}": v for d, v in row[task].items()}
+            for task in (*TASKS, AP50):
+                measured |= {f"{task}:{d}": v for d, v in row.get(task, {}).items()}
             for metric, value in measured.items():
                 if value is not None:
                     per_metric.setdefault(metric, {})[seed] = float(value)
@@ -146,7 +145,7 @@ def _mean_cell(interval: dict | None) -> str:
         return MISSING
     if interval["high"] is None:
         return f"{interval['mean']:.1f}"
-    return f"{interval['mean']:.1f} ± {interval['high'] - interval['mean']:.1f}"
+    return f"{interval['mean']:.1f} ± {_half_width(interval):.1f}"
 
 
 def _signed(value: float | None) -> str:
@@ -164,9 +163,11 @@ def format_means(results: dict) -> str:
     check_results(results)
     datasets = results["datasets"]
     metrics = [("AVG Cls", "avg_cls")] + [(d, f"cls:{d}") for d in datasets["cls"]]
-    for task, summary in (("det", "det_map"), ("seg", "seg_miou")):
-        label = METRICS[summary]
-        metrics += [(f"{label} ({d})", f"{task}:{d}") for d in datasets[task]]
+    per_dataset = [("det", "det", "det_map"), ("seg", "seg", "seg_miou")]  # key prefix, task
+    if any(key.startswith(f"{AP50}:") for row in results["rows"] for key in row["metrics"]):
+        per_dataset.insert(1, (AP50, "det", "det_ap50"))
+    for prefix, task, summary in per_dataset:
+        metrics += [(f"{METRICS[summary]} ({d})", f"{prefix}:{d}") for d in datasets[task]]
     header = ["Method", *(label for label, _ in metrics), "Params (M)", "Train images"]
     cells = [header]
     for row in results["rows"]:
@@ -247,44 +248,29 @@ def results_markdown(results: dict) -> str:
     )
 
 
+def _half_width(interval: dict | None) -> float:
+    """The error bar of an interval: 0 when not measured or from one seed."""
+    return (
+        0.0 if interval is None or interval["high"] is None else interval["high"] - interval["mean"]
+    )
+
+
 def results_chart(results: dict) -> Figure:
     """Grouped bars of the summary means, their intervals as error bars."""
     rows = results["rows"]
-    metrics = [key for key in METRICS if any(key in row["metrics"] for row in rows)]
-    figure = Figure(figsize=(max(6.5, 1.3 * len(rows) + 2.5), 4.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.set_title(
+    means: dict[str, list[float | None]] = {}
+    errors: dict[str, list[float]] = {}
+    for key in [key for key in METRICS if any(key in row["metrics"] for row in rows)]:
+        intervals = [row["metrics"].get(key) for row in rows]
+        means[METRICS[key]] = [None if i is None else i["mean"] for i in intervals]
+        errors[METRICS[key]] = [_half_width(i) for i in intervals]
+    return bar_chart(
         f"Transfer per variant: mean and {round(100 * results['confidence'])}% interval "
-        f"over {len(results['seeds'])} seed(s)"
+        f"over {len(results['seeds'])} seed(s)",
+        [row["name"] for row in rows],
+        means,
+        errors=errors,
     )
-    positions = range(len(rows))
-    axes.set_xticks(
-        list(positions), [textwrap.fill(row["name"], 14, break_long_words=False) for row in rows]
-    )
-    axes.set_ylabel("score (%)")
-    if not metrics:
-        axes.text(0.5, 0.5, "no metric to plot", ha="center", transform=axes.transAxes)
-        return figure
-    width = 0.8 / len(metrics)
-    top = 1.0
-    for k, key in enumerate(metrics):
-        xs, means, errors = [], [], []
-        for p, row in zip(positions, rows, strict=True):
-            interval = row["metrics"].get(key)
-            if interval is None:
-                continue
-            xs.append(p + (k - (len(metrics) - 1) / 2) * width)
-            means.append(interval["mean"])
-            errors.append(0.0 if interval["high"] is None else interval["high"] - interval["mean"])
-            top = max(top, interval["high"] or interval["mean"])
-        bars = axes.bar(xs, means, width * 0.95, yerr=errors, capsize=3, label=METRICS[key])
-        axes.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
-    axes.set_ylim(0, top * 1.15)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    return figure
 
 
 def write_results(results: dict, out_dir: str | Path, preamble: str = "") -> dict[str, Path]:
