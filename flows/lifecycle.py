@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.runners import stop_all
-from flows.runners.parent_death import die_with_parent
+from xlearner.parent_death import die_with_parent
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FLOW_STOP_GRACE_S = 60.0  # stages get 10 s + 10 s (SIGTERM, SIGKILL); the flow the rest

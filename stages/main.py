@@ -28,6 +28,7 @@ from xlearner.config import ConfigError, PipelineConfig, load_config
 from xlearner.contract import RESULT_FILE, RESULT_PREFIX, ExitCode, StageCall, StageResult
 from xlearner.lease import DEFAULT_WAIT_S, LeaseHeld, output_lease
 from xlearner.outputs import StageOutput
+from xlearner.parent_death import die_with_parent
 from xlearner.store import StoreError, StoreUnavailable, is_unreachable
 
 log = logging.getLogger("xlearner.stage")
@@ -36,6 +37,7 @@ C = TypeVar("C", bound=StageCall)
 T = TypeVar("T")
 Body = Callable[[C, PipelineConfig, StageOutput | None], StageResult]
 BAD_INPUT = (ConfigError, StoreError, ValueError, FileNotFoundError)
+TORCHRUN_WORKER_ENV = "TORCHELASTIC_RUN_ID"  # torchrun sets it in each worker
 LEASE_WAIT_ENV = "XLEARNER_LEASE_WAIT_S"  # how long a stage waits for its output's writer
 
 
@@ -121,6 +123,8 @@ def _agreed(decide: Callable[[], T]) -> T:
 
 def _run(call_class: type[C], body: Body, argv: list[str] | None, skip_done: bool) -> StageResult:
     call = call_class.parse(argv)
+    if TORCHRUN_WORKER_ENV in os.environ:  # its own session: no group signal reaches it
+        die_with_parent(os.getppid())  # SIGTERM (checkpoint, exit) when torchrun dies
     distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
     cfg = load_config(call.config, call.overrides)
     call.check()

@@ -298,10 +298,26 @@ class StageRunner:
         gpu_ids: list[str] | None = None,
     ) -> StageRun:
         """Run a stage on ``gpu_ids`` (the host GPUs allocated to it; None: not pinned)
-        within ``resources`` (None: one process, no GPU request); more than one process
-        runs under torchrun on this host."""
+        within ``resources`` (None: one process, no GPU request)."""
+        return self.run_command(
+            self.command(stage, args, resources, gpu_ids),
+            stage=stage,
+            env=env,
+            log=log,
+            timeout_s=timeout_s,
+            resources=resources,
+            gpu_ids=gpu_ids,
+        )
+
+    def command(
+        self,
+        stage: str,
+        args: list[str],
+        resources: StageResources | None,
+        gpu_ids: list[str] | None,
+    ) -> list[str]:
+        """The stage's command on this host: under torchrun for more than one process."""
         nodes = resources.nodes if resources is not None else 1
-        procs = processes_per_node(resources, gpu_ids)
         if nodes > 1:
             raise StageFailed(
                 stage,
@@ -310,21 +326,12 @@ class StageRunner:
                 f"was not started: resources.{stage}.nodes={nodes} needs runner.kind: ray "
                 f"({type(self).__name__} runs on one host)",
             )
+        procs = processes_per_node(resources, gpu_ids)
         if procs > 1:
-            command = torchrun_command(
+            return torchrun_command(
                 f"stages.{stage}", args, python=self.python, nproc_per_node=procs
             )
-        else:
-            command = stage_command(stage, args, self.python)
-        return self.run_command(
-            command,
-            stage=stage,
-            env=env,
-            log=log,
-            timeout_s=timeout_s,
-            resources=resources,
-            gpu_ids=gpu_ids,
-        )
+        return stage_command(stage, args, self.python)
 
     def run_command(
         self,

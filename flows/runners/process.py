@@ -1,6 +1,6 @@
 """The process runner: a stage as a local child process in its own process group.
 
-A stage gets SIGTERM when the process that started it dies (:mod:`.parent_death`), so
+A stage gets SIGTERM when the process that started it dies (:mod:`xlearner.parent_death`), so
 SIGKILL of ``xlearner run`` leaves no stage behind for longer than its stop grace.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from flows.runners.base import TORCHRUN_MODULE, ChildProcess, StageRunner, stage_environment
-from flows.runners.parent_death import die_with_parent
 from xlearner.config import StageResources
+from xlearner.parent_death import die_with_parent
 
 
 class LocalProcess(Protocol):
@@ -69,15 +69,8 @@ class _Subprocess:
 class _ProcessGroup:
     """A :class:`LocalProcess` as the runner supervises it (a :class:`ChildProcess`)."""
 
-    def __init__(
-        self,
-        process: LocalProcess,
-        environment: dict[str, str],
-        kill_grace_s: float,
-        launcher: bool = False,
-    ):
+    def __init__(self, process: LocalProcess, environment: dict[str, str], kill_grace_s: float):
         self.process = process
-        self.launcher = launcher  # torchrun: it forwards a SIGTERM to its workers itself
         self.environment = environment
         self.kill_grace_s = kill_grace_s
         self.exited = False
@@ -91,17 +84,12 @@ class _ProcessGroup:
         return returncode, ""
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group (to torchrun alone: a worker that got a
-        second SIGTERM from it would stop at once, without its checkpoint), SIGKILL to the
-        group after ``kill_grace_s``."""
+        """SIGTERM to the whole process group, SIGKILL after ``kill_grace_s``."""
         for sig, grace in ((signal.SIGTERM, self.kill_grace_s), (signal.SIGKILL, 10.0)):
             if self.process.poll() is not None:
                 return
             try:
-                if self.launcher and sig == signal.SIGTERM:
-                    os.kill(self.process.pid, sig)
-                else:
-                    os.killpg(self.process.pid, sig)
+                os.killpg(self.process.pid, sig)
             except ProcessLookupError:  # not yet its own group leader (just forked)
                 try:
                     os.kill(self.process.pid, sig)
@@ -164,5 +152,4 @@ class ProcessRunner(StageRunner):
             process = ForkedStage(command[2], command[3:], child_env, self.cwd)
         else:
             process = _Subprocess(command, child_env, self.cwd)
-        launcher = python_module and command[2] == TORCHRUN_MODULE
-        return _ProcessGroup(process, child_env, self.kill_grace_s, launcher)
+        return _ProcessGroup(process, child_env, self.kill_grace_s)

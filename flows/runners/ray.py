@@ -45,17 +45,15 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flows.runners.base import (
-    LogFn,
-    StageRun,
     StageRunner,
     processes_per_node,
     stage_command,
     stage_environment,
     torchrun_command,
 )
-from flows.runners.parent_death import die_with_parent
 from xlearner.config import RayRunnerConfig, StageResources
 from xlearner.contract import ExitCode
+from xlearner.parent_death import die_with_parent
 
 NODE_PYTHON = "python"  # in a command: the interpreter of the node's Ray worker
 TASK_PREFIX = "xlearner-"  # Ray task names: xlearner-<stage>[-node<i>]
@@ -415,27 +413,16 @@ class RayRunner(StageRunner):
         self.config = config
         self.timeout_s = config.timeout_s
 
-    def run(
+    def command(
         self,
         stage: str,
         args: list[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log: LogFn | None = None,
-        timeout_s: float | None = None,
-        resources: StageResources | None = None,
-        gpu_ids: list[str] | None = None,
-    ) -> StageRun:
+        resources: StageResources | None,
+        gpu_ids: list[str] | None,
+    ) -> list[str]:
         """The stage command as it is; torchrun wraps it on the nodes (where the
         rendezvous endpoint is known). ``gpu_ids`` are ignored: Ray places GPUs."""
-        return self.run_command(
-            stage_command(stage, args, self.python),
-            stage=stage,
-            env=env,
-            log=log,
-            timeout_s=timeout_s,
-            resources=resources,
-        )
+        return stage_command(stage, args, self.python)
 
     def start(
         self,

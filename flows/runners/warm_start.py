@@ -9,7 +9,7 @@ it inherits the flow's ``sys.path``) that imports :data:`PRELOAD` once. Each sta
 fork of it that runs exactly what ``python -m stages.<name> ARGS`` runs, with its own
 environment, working folder, process group and output pipe. The fork server exits when
 the flow's process does (multiprocessing's own "alive" pipe), and a stage when the fork
-server does (:mod:`.parent_death`): a killed flow leaves neither running.
+server does (:mod:`xlearner.parent_death`): a killed flow leaves neither running.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 
-from flows.runners.parent_death import die_with_parent
+from xlearner.parent_death import die_with_parent
 
 PRELOAD = [
     "torch",

@@ -7,9 +7,15 @@ line (rank 0's), exit 0. What DDP does inside the stage is tests/model/test_ddp_
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -55,8 +61,8 @@ def test_a_multi_node_stage_is_refused_by_a_one_host_runner():
         ProcessRunner().run("expand", [], resources=StageResources(nodes=2), log=lambda _: None)
 
 
-# a real stage in three fresh interpreters (torchrun's and its two workers): ~20 s
-def test_a_two_process_stage_runs_under_torchrun_with_one_result(synth_data, tmp_path, monkeypatch):
+def ingested(synth_data, tmp_path) -> tuple[Path, dict[str, str]]:
+    """The tiny config of one source (ingested) and one downstream set: its file, manifests."""
     data = tiny_config_dict(
         str(synth_data.root),
         str(tmp_path / "store"),
@@ -69,7 +75,12 @@ def test_a_two_process_stage_runs_under_torchrun_with_one_result(synth_data, tmp
     cfg = validate_config(data)
     store = LocalStore(tmp_path / "store")
     manifest = ingest_source(cfg.sources[0], store, image_size=cfg.model.image_size)
-    manifests = {"shapes_cls": store.uri(manifest_key("shapes_cls", manifest["version"]))}
+    return config, {"shapes_cls": store.uri(manifest_key("shapes_cls", manifest["version"]))}
+
+
+# a real stage in three fresh interpreters (torchrun's and its two workers): ~20 s
+def test_a_two_process_stage_runs_under_torchrun_with_one_result(synth_data, tmp_path, monkeypatch):
+    config, manifests = ingested(synth_data, tmp_path)
     out = str(tmp_path / "store" / "runs" / "expand-ddp")
     call = ExpandCall(config=str(config), out=out, task="cls", manifests=manifests, steps=4)
     lines: list[str] = []
@@ -97,3 +108,73 @@ def test_a_two_process_stage_runs_under_torchrun_with_one_result(synth_data, tmp
     assert sum(line.startswith(RESULT_PREFIX) for line in lines) == 1  # rank 0's only
     assert run.result is not None and run.result["out"] == out
     assert verified_result(open_store(out)) is not None
+
+
+class _StopNow(Exception):
+    """Raised from the log callback: the runner stops the stage as on a cancellation."""
+
+
+def test_a_stopped_two_process_stage_checkpoints_where_it_stopped(synth_data, tmp_path):
+    """The runner's stop (SIGTERM to the stage's process group) reaches torchrun, which
+    passes it on to its workers (each in a session of its own): they checkpoint the step
+    they are at and exit."""
+    config, manifests = ingested(synth_data, tmp_path)
+    out = tmp_path / "store" / "runs" / "expand-ddp-stop"
+    no_periodic = ["engine.checkpoint_every_steps=100000"]  # only the stop checkpoints
+    call = ExpandCall(
+        config=str(config), out=str(out), task="cls", manifests=manifests, steps=100000,
+        overrides=no_periodic,
+    )  # fmt: skip
+
+    def log(line: str) -> None:
+        if re.search(r"step 2/100000", line):
+            raise _StopNow
+
+    with pytest.raises(_StopNow):
+        ProcessRunner(python=sys.executable).run(
+            "expand",
+            call.to_argv(),
+            env={"OMP_NUM_THREADS": "1"},
+            log=log,
+            resources=StageResources(gpus=0, procs_per_node=2),
+            gpu_ids=[],
+            timeout_s=600,
+        )
+    latest = out / "checkpoints" / "latest.json"
+    assert latest.exists(), "the stopped stage left no checkpoint"
+    assert 2 <= json.loads(latest.read_text())["step"] < 100000
+    assert not (out / "result.json").exists()
+
+
+def test_workers_of_a_killed_torchrun_stop_too(synth_data, tmp_path):
+    """SIGKILL of torchrun (its own stop never runs) must not leave its workers training:
+    they live in sessions of their own, so they get SIGTERM as torchrun dies."""
+    config, manifests = ingested(synth_data, tmp_path)
+    out = tmp_path / "store" / "runs" / "expand-ddp-orphans"
+    call = ExpandCall(
+        config=str(config), out=str(out), task="cls", manifests=manifests, steps=100000
+    )
+    command = torchrun_command(
+        "stages.expand", call.to_argv(), python=sys.executable, nproc_per_node=2
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    workers: list[psutil.Process] = []
+    try:
+        for line in launcher.stdout:
+            if "step 2/100000" in line:
+                break
+        workers = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(workers) >= 2, [w.cmdline() for w in workers]
+        launcher.kill()
+        launcher.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers outlived torchrun: {[w.pid for w in alive]}"
+    finally:  # orphans are no children of this process any more
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        launcher.kill()
+        launcher.stdout.close()
