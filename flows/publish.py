@@ -58,7 +58,7 @@ def log_source_inputs(cfg: PipelineConfig, manifests: dict[str, str], versions: 
         ([d.name for d in cfg.downstream], "evaluation"),
     ):
         chosen = {n: manifests[n] for n in names if n in manifests}
-        tracking.log_source_inputs(chosen, versions, context)
+        tracking.log_source_inputs(chosen, context, versions)
 
 
 @task(cache_policy=NO_CACHE)

@@ -26,6 +26,7 @@ def body(call: ExpandCall, cfg: PipelineConfig, out: StageOutput) -> StageResult
         init_backbone=call.init_backbone,
     )
     with tracking.stage_run(cfg.tracking, call.mlflow_parent_run_id, job.name) as tracker:
+        tracker.log_source_inputs(call.manifests, "training")
         trained = job.run(out.checkpointer(), tracker)
         return publish_trained(out, cfg, trained)
 

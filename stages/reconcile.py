@@ -19,6 +19,7 @@ from xlearner.reconcile import reconcile_job
 def body(call: ReconcileCall, cfg: PipelineConfig, out: StageOutput) -> StageResult:
     job = reconcile_job(cfg, call.sub_models, call.manifests)
     with tracking.stage_run(cfg.tracking, call.mlflow_parent_run_id, job.name) as tracker:
+        tracker.log_source_inputs(call.manifests, "training")
         trained = job.run(out.checkpointer(), tracker)
         return publish_trained(out, cfg, trained)
 

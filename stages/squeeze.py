@@ -24,6 +24,7 @@ def body(call: SqueezeCall, cfg: PipelineConfig, out: StageOutput) -> StageResul
         cfg, call.manifests, teacher=call.teacher, sub_models=call.sub_models, hints=call.hints
     )
     with tracking.stage_run(cfg.tracking, call.mlflow_parent_run_id, job.name) as tracker:
+        tracker.log_source_inputs(call.manifests, "training")
         squeezed = job.run(out.checkpointer(), tracker)
         return publish_trained(out, cfg, squeezed)
 

@@ -20,6 +20,7 @@ from xlearner.transfer.evaluate import publish_report, transfer_evaluation
 def body(call: TransferCall, cfg: PipelineConfig, out: StageOutput) -> StageResult:
     evaluation = transfer_evaluation(cfg, call.backbones, call.downstream, call.train_images)
     with tracking.stage_run(cfg.tracking, call.mlflow_parent_run_id, evaluation.name) as tracker:
+        tracker.log_source_inputs(call.downstream, "evaluation")
         report = evaluation.run(tracker)
         return publish_report(out, report, tracker)
 

@@ -40,6 +40,15 @@ def manifest_key(name: str, version: str) -> str:
     return join(source_prefix(name, version), MANIFEST)
 
 
+def manifest_version(uri: str) -> str | None:
+    """The version in a published manifest's URI or key
+    (``.../sources/<name>/<version>/manifest.json``), else None."""
+    parts = uri.split("/")
+    if len(parts) >= 4 and parts[-1] == MANIFEST and parts[-4] == SOURCES:
+        return parts[-2]
+    return None
+
+
 def parse_source_latest(key: str) -> str | None:
     """The source name of a ``sources/<name>/latest.json`` key, else None."""
     parts = key.split("/")

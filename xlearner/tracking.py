@@ -21,6 +21,7 @@ from typing import Any
 from xlearner import distributed
 from xlearner.config import TrackingConfig
 from xlearner.secrets import is_secret_name, loggable, redact
+from xlearner.store_keys import manifest_version
 
 log = logging.getLogger("xlearner.tracking")
 
@@ -120,6 +121,11 @@ class StageTracker:
 
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_source_inputs(self, manifests: dict[str, str], context: str) -> None:
+        """The manifests this stage reads as dataset inputs of its run (see the function)."""
+        if self.active:
+            log_source_inputs(manifests, context)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
             import mlflow
@@ -189,16 +195,21 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]
 
 
-def log_source_inputs(manifests: dict[str, str], versions: dict[str, str], context: str) -> None:
+def log_source_inputs(
+    manifests: dict[str, str], context: str, versions: dict[str, str] | None = None
+) -> None:
     """Each source's manifest (NAME -> URI) as an MLflow dataset input of the active run,
-    its digest the manifest's content hash (``version``), its context ``training`` for
-    the training sources, ``evaluation`` for the downstream sets."""
+    its digest the manifest's content hash (``versions``, else the version its URI
+    names), its context ``training`` for the training sources, ``evaluation`` for the
+    downstream sets."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    versions = versions or {}
     for name, uri in sorted(manifests.items()):
-        dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=versions[name])
+        digest = versions.get(name) or manifest_version(uri)
+        dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest)
         mlflow.log_input(dataset, context=context)
 
 

@@ -24,6 +24,7 @@ from xlearner.config import TrackingConfig
 from xlearner.models.backbone import save_backbone
 from xlearner.models.registry import create_backbone
 from xlearner.serving.features import input_example, pooled_features
+from xlearner.store_keys import manifest_key, manifest_version
 
 REPO = Path(__file__).resolve().parents[2]
 # Run in a child interpreter: xlearner made unimportable (the editable install's finder
@@ -103,12 +104,27 @@ def test_registered_backbone_loads_where_xlearner_is_not_installed(tracking_cfg,
 def test_manifests_are_dataset_inputs_with_their_content_hash(tracking_cfg, tmp_path):
     manifests = {"shapes_cls": "s3://bucket/sources/shapes_cls/0123456789abcdef.json"}
     with mlflow.start_run() as run:
-        tracking.log_source_inputs(manifests, {"shapes_cls": "0123456789abcdef"}, "training")
+        tracking.log_source_inputs(manifests, "training", {"shapes_cls": "0123456789abcdef"})
     (dataset_input,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     dataset = dataset_input.dataset
     assert (dataset.name, dataset.digest) == ("shapes_cls", "0123456789abcdef")
     assert json.loads(dataset.source) == {"uri": manifests["shapes_cls"]}
     assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
+
+
+def test_a_stage_run_logs_the_manifests_it_reads_with_the_version_their_uri_names(tracking_cfg):
+    uri = "s3://bucket/" + manifest_key("shapes_det", "fedcba9876543210")
+    with mlflow.start_run() as parent:
+        pass
+    with tracking.stage_run(tracking_cfg, parent.info.run_id, "transfer") as tracker:
+        tracker.log_source_inputs({"shapes_det": uri}, "evaluation")
+    (dataset_input,) = MlflowClient().get_run(tracker.run_id).inputs.dataset_inputs
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == (
+        "shapes_det",
+        "fedcba9876543210",
+    )
+    assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "evaluation")]
+    assert manifest_version("s3://bucket/elsewhere/manifest.json") is None
 
 
 def test_stage_runs_have_system_metrics_and_grouped_metric_names(tracking_cfg, monkeypatch):

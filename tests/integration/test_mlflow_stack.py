@@ -58,6 +58,26 @@ def test_parent_run_has_dataset_inputs_chart_and_table(stack_run: StackRun):
     assert {row["name"] for row in rows} == {r["name"] for r in stack_run.result["report"]["rows"]}
 
 
+def test_each_stage_run_has_the_manifests_it_read_as_dataset_inputs(stack_run: StackRun):
+    client = MlflowClient(stack_run.cfg.tracking.uri)
+    parent_id = stack_run.result["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100
+    )
+    downstream = {d.name for d in stack_run.cfg.downstream}
+    trained_on: set[str] = set()
+    for child in children:
+        inputs = child.inputs.dataset_inputs
+        assert inputs, child.info.run_name
+        for i in inputs:
+            context = {t.key: t.value for t in i.tags}["mlflow.data.context"]
+            assert context == ("evaluation" if i.dataset.name in downstream else "training")
+            assert i.dataset.digest == parent.data.tags[f"source.{i.dataset.name}.version"]
+            trained_on.update({i.dataset.name} - downstream)
+    assert trained_on == {s.name for s in stack_run.cfg.sources}
+
+
 def test_stage_runs_have_system_metrics_and_grouped_names(stack_run: StackRun):
     client = MlflowClient(stack_run.cfg.tracking.uri)
     parent_id = stack_run.result["mlflow_parent_run_id"]
