@@ -1,10 +1,15 @@
-"""A tiny pipeline config over the synthetic sources: seconds per stage on a CPU."""
+"""A tiny pipeline config over the synthetic sources: seconds per stage on a CPU, and
+its sources ingested for the tests that call stages directly."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from xlearner.config import PipelineConfig, validate_config
+from xlearner.config import DownstreamConfig, PipelineConfig, SourceConfig, validate_config
+from xlearner.data.ingest import ingest_source
+from xlearner.store import ArtifactStore
+from xlearner.store_keys import manifest_key
 
 TINY_TRAIN = {"steps": 6, "batch_size": 8, "warmup_steps": 1}
 
@@ -57,3 +62,14 @@ def tiny_config(
     return validate_config(
         tiny_config_dict(data_root, store_uri, tracking_uri, **kw), origin="tiny_config"
     )
+
+
+def ingest_all(
+    sources: Iterable[SourceConfig | DownstreamConfig], store: ArtifactStore, **options: Any
+) -> dict[str, str]:
+    """Each source published in ``store`` by ``ingest_source``: ``{name: manifest URI}``."""
+    manifests = {}
+    for source in sources:
+        version = ingest_source(source, store, **options)["version"]
+        manifests[source.name] = store.uri(manifest_key(source.name, version))
+    return manifests

@@ -203,7 +203,6 @@ class DockerRunner(StageRunner):
         self.init = init
         self.stop_timeout_s = stop_timeout_s
         self.create_options = dict(create_options or {})
-        self._swept = False  # remove_orphans ran
 
     @property
     def timeout_s(self) -> float | None:
@@ -282,10 +281,8 @@ class DockerRunner(StageRunner):
         gpu_ids: list[str] | None = None,
     ) -> ChildProcess:
         """Create the container, then start it: it is removed whatever happens after creation.
-        The first start of a runner removes the containers that killed runners left."""
-        if not self._swept:
-            remove_orphans(self.client)
-            self._swept = True
+        First it removes the containers that killed runners left (:func:`remove_orphans`)."""
+        remove_orphans(self.client)
         kwargs = self.container_kwargs(
             command, stage=stage, env=env, resources=resources, gpu_ids=gpu_ids
         )

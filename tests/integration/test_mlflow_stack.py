@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from tests.integration.stack_helpers import StackRun
 
@@ -58,13 +59,19 @@ def test_parent_run_has_dataset_inputs_chart_and_table(stack_run: StackRun):
     assert {row["name"] for row in rows} == {r["name"] for r in stack_run.result["report"]["rows"]}
 
 
-def test_each_stage_run_has_the_manifests_it_read_as_dataset_inputs(stack_run: StackRun):
+def parent_and_stage_runs(stack_run: StackRun) -> tuple[Run, list[Run]]:
+    """The pipeline's MLflow run and its stages' child runs."""
     client = MlflowClient(stack_run.cfg.tracking.uri)
     parent_id = stack_run.result["mlflow_parent_run_id"]
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100
     )
+    return parent, children
+
+
+def test_each_stage_run_has_the_manifests_it_read_as_dataset_inputs(stack_run: StackRun):
+    parent, children = parent_and_stage_runs(stack_run)
     downstream = {d.name for d in stack_run.cfg.downstream}
     trained_on: set[str] = set()
     for child in children:
@@ -79,12 +86,7 @@ def test_each_stage_run_has_the_manifests_it_read_as_dataset_inputs(stack_run: S
 
 
 def test_stage_runs_have_system_metrics_and_grouped_names(stack_run: StackRun):
-    client = MlflowClient(stack_run.cfg.tracking.uri)
-    parent_id = stack_run.result["mlflow_parent_run_id"]
-    parent = client.get_run(parent_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100
-    )
+    _, children = parent_and_stage_runs(stack_run)
     assert children
     for child in children:
         names = set(child.data.metrics)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from stages import expand
 from tests.model.ddp_stage_probe import WEIGHTS_DIR_ENV
-from tests.pipeline_config import tiny_config_dict
+from tests.pipeline_config import ingest_all, tiny_config_dict
 from xlearner import tracking
 from xlearner.config import validate_config
 from xlearner.contract import (
@@ -42,10 +42,8 @@ from xlearner.contract import (
     StageCall,
     TransferCall,
 )
-from xlearner.data.ingest import ingest_source
 from xlearner.integrity import verified_result
 from xlearner.store import LocalStore, open_store
-from xlearner.store_keys import manifest_key
 
 pytestmark = pytest.mark.slow  # every case starts fresh interpreters under torchrun
 
@@ -70,10 +68,7 @@ def pipeline(synth_data, tmp_path_factory) -> dict:
     config.write_text(yaml.safe_dump(data))
     cfg = validate_config(data)
     store = LocalStore(work / "store")
-    manifests = {}
-    for source in [*cfg.sources, *cfg.downstream]:
-        manifest = ingest_source(source, store, image_size=cfg.model.image_size)
-        manifests[source.name] = store.uri(manifest_key(source.name, manifest["version"]))
+    manifests = ingest_all([*cfg.sources, *cfg.downstream], store, image_size=cfg.model.image_size)
     training = {k: v for k, v in manifests.items() if k != "down_seg"}
     subs = {}
     for task in ("cls", "seg"):

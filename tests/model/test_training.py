@@ -22,9 +22,8 @@ import yaml
 from PIL import Image
 
 from stages import expand, reconcile
-from tests.pipeline_config import tiny_config_dict
+from tests.pipeline_config import ingest_all, tiny_config_dict
 from xlearner.config import validate_config
-from xlearner.data.ingest import ingest_source
 from xlearner.metrics import MeanIoU
 from xlearner.store import LocalStore
 
@@ -49,12 +48,7 @@ def setup(synth_data, tmp_path_factory):
     config.write_text(yaml.safe_dump(data))
     cfg = validate_config(data)
     store = LocalStore(work / "store")
-    manifests = {}
-    for source in cfg.sources:
-        manifest = ingest_source(source, store, image_size=cfg.model.image_size)
-        manifests[source.name] = store.uri(
-            f"sources/{source.name}/{manifest['version']}/manifest.json"
-        )
+    manifests = ingest_all(cfg.sources, store, image_size=cfg.model.image_size)
     manifest_args = [a for n, uri in manifests.items() for a in ("--manifest", f"{n}={uri}")]
     return work, config, manifest_args
 

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pipeline_config import tiny_config, tiny_config_dict
+from pipeline_config import ingest_all, tiny_config, tiny_config_dict
 
 from stages import transfer
 from xlearner.config import ConfigError, DownstreamConfig, validate_config
 from xlearner.contract import RESULT_FILE
-from xlearner.data.ingest import ingest_source
 from xlearner.data.synth import LAYOUT_SPECS, synthesize
 from xlearner.metrics import DetectionMAP, voc_ap50
 from xlearner.store import LocalStore
-from xlearner.store_keys import manifest_key
 from xlearner.transfer import probe
 from xlearner.transfer.evaluate import transfer_evaluation
 from xlearner.transfer.report import build_report, format_table, write_report
@@ -110,12 +108,8 @@ def downstream(synth_data, tmp_path_factory) -> tuple[str, list[dict], dict[str,
         synth_data.source("down_cls_a"),
         {"name": "voc", "format": "voc_det", "uri": str(voc["voc_det_shapes"])},
     ]
-    manifests = {}
-    for config in configs:
-        manifest = ingest_source(
-            DownstreamConfig(**config), store, image_size=32, log=lambda _: None
-        )
-        manifests[config["name"]] = store.uri(manifest_key(config["name"], manifest["version"]))
+    sources = [DownstreamConfig(**config) for config in configs]
+    manifests = ingest_all(sources, store, image_size=32, log=lambda _: None)
     return str(root / "store"), configs, manifests
 
 
