@@ -3,6 +3,8 @@
 #
 #   docker.io        the Docker engine (dockerd) for the Docker runner tests
 #   docker-compose   `docker-compose config` validates docker-compose.yml
+#   fuse-overlayfs, debootstrap   building the project's images in the Docker pool test
+#                    (layers without whole copies; the base image, no registry here)
 #   chromium, chromium-driver   browser tests of the Prefect / MLflow UIs
 #
 # Idempotent: a second run installs nothing. Never fails the build: without root or
@@ -12,7 +14,7 @@ set -u
 
 PACKAGES=("$@")
 if [ ${#PACKAGES[@]} -eq 0 ]; then
-    PACKAGES=(docker.io docker-compose chromium chromium-driver)
+    PACKAGES=(docker.io docker-compose fuse-overlayfs debootstrap chromium chromium-driver)
 fi
 
 warn() { echo "install-system-deps: WARNING: $*" >&2; }

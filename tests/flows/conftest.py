@@ -42,6 +42,9 @@ GROUP = "root:x:0:\nxlearner:x:10001:\n"
 # in the container and runs `nvidia-container-runtime-hook prestart` (the container's
 # state on stdin) before it starts, which would mount the GPUs. This one mounts nothing.
 NVIDIA_HOOK = "nvidia-container-runtime-hook"
+# An engine of the developer's for the image builds instead of a private one (see
+# build_docker_engine).
+BUILD_ENGINE_ENV = "XLEARNER_TEST_BUILD_DOCKER_HOST"
 FAKE_NVIDIA_HOOK = "#!/bin/sh\ncat >/dev/null\nexit 0\n"
 
 
@@ -80,14 +83,16 @@ def _ensure_dockerd() -> str | None:
     return shutil.which("dockerd")
 
 
-def _start_dockerd(root: Path, path: str | None = None) -> tuple[subprocess.Popen, str]:
+def _start_dockerd(
+    root: Path, path: str | None = None, storage_driver: str = "vfs"
+) -> tuple[subprocess.Popen, str]:
     """``dockerd`` on its own socket under ``root``, with ``path`` as its PATH if given."""
     socket = root / "docker.sock"
     base_url = f"unix://{socket}"
     log_path = root / "dockerd.log"
     command = [
         "dockerd",
-        "--storage-driver=vfs",
+        f"--storage-driver={storage_driver}",
         "--iptables=false",
         "--ip6tables=false",
         "--bridge=none",
@@ -224,7 +229,9 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 
 @contextlib.contextmanager
-def _private_engine(fake_nvidia: bool = False) -> Iterator[DockerEngine]:
+def _private_engine(
+    fake_nvidia: bool = False, storage_driver: str = "vfs"
+) -> Iterator[DockerEngine]:
     """A ``dockerd`` of our own (root only), with the fake NVIDIA hook on its PATH if asked."""
     if _ensure_dockerd() is None:
         pytest.skip(
@@ -241,7 +248,7 @@ def _private_engine(fake_nvidia: bool = False) -> Iterator[DockerEngine]:
         hook.chmod(0o755)
         path = f"{root / 'bin'}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     try:
-        process, base_url = _start_dockerd(root, path)
+        process, base_url = _start_dockerd(root, path, storage_driver)
         client = _connect(base_url)
         yield DockerEngine(client=client, base_url=base_url, image=_test_image(client))
     finally:
@@ -261,4 +268,25 @@ def gpu_docker_engine() -> Iterator[DockerEngine]:
     if os.geteuid() != 0:
         pytest.skip("an engine with a fake NVIDIA hook is a dockerd of our own: that needs root")
     with _private_engine(fake_nvidia=True) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def build_docker_engine() -> Iterator[DockerEngine]:
+    """A private engine that stores layers with fuse-overlayfs, for ``docker build``: vfs
+    copies each layer whole, and a stage image holds several GB of CUDA libraries.
+    ``XLEARNER_TEST_BUILD_DOCKER_HOST``: an engine to use instead, whose build cache
+    outlives the session (a second run of the image tests then builds in seconds)."""
+    pytest.importorskip("docker", reason="the docker SDK is not installed")
+    if base_url := os.environ.get(BUILD_ENGINE_ENV):
+        client = _connect(base_url)
+        if client is None:
+            pytest.fail(f"{BUILD_ENGINE_ENV}={base_url}: no engine answers")
+        yield DockerEngine(client=client, base_url=base_url, image=_test_image(client))
+        return
+    if os.geteuid() != 0:
+        pytest.skip("an engine with fuse-overlayfs storage is a dockerd of our own: needs root")
+    if shutil.which("fuse-overlayfs") is None or not Path("/dev/fuse").exists():
+        pytest.skip("fuse-overlayfs or /dev/fuse is missing (scripts/install-system-deps.sh)")
+    with _private_engine(storage_driver="fuse-overlayfs") as engine:
         yield engine
