@@ -106,9 +106,9 @@ def test_a_two_node_reconcile_trains_across_the_nodes_with_one_result(checks):
 
 def test_a_timeout_cancels_the_ray_task_and_the_stage_gets_sigterm(checks):
     cancelled = checks["cancelled"]
-    assert "timed out after 5 s and was cancelled on the Ray cluster" in cancelled["reason"]
+    assert "timed out after 20 s and was cancelled on the Ray cluster" in cancelled["reason"]
     assert cancelled["marker"] == "checkpointed"  # its SIGTERM handler ran
-    assert cancelled["seconds"] < 30  # not the 300 s it sleeps
+    assert cancelled["seconds"] < 60  # not the 300 s it sleeps
     assert cancelled["states"] and "RUNNING" not in cancelled["states"], cancelled["states"]
 
 
