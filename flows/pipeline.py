@@ -178,7 +178,7 @@ def xlearner_pipeline(config: PipelineConfig, no_repair: bool = False) -> dict:
         plan = Plan.start(cfg, config_uri, parent_run_id, env=stage_env(cfg))
         plan.ctx.no_repair = no_repair
         publish.tag_source_versions(plan.ingest())
-        publish.log_source_inputs(cfg, plan.manifests, plan.versions)
+        publish.log_source_inputs(cfg, plan.manifests)
         rows_by_seed, transfers = train_and_transfer(plan)
         results = record_results(cfg, transfers)
         first = cfg.run_seeds[0]  # its backbone is the one registered

@@ -50,7 +50,7 @@ def tag_source_versions(versions: dict[str, str]) -> None:
     mlflow.set_tags({f"source.{n}.version": v for n, v in versions.items()})
 
 
-def log_source_inputs(cfg: PipelineConfig, manifests: dict[str, str], versions: dict[str, str]):
+def log_source_inputs(cfg: PipelineConfig, manifests: dict[str, str]):
     """Every ingested manifest as a dataset input of the active (parent) run: the training
     sources in context ``training``, the downstream sets in ``evaluation``."""
     for names, context in (
@@ -58,7 +58,7 @@ def log_source_inputs(cfg: PipelineConfig, manifests: dict[str, str], versions: 
         ([d.name for d in cfg.downstream], "evaluation"),
     ):
         chosen = {n: manifests[n] for n in names if n in manifests}
-        tracking.log_source_inputs(chosen, context, versions)
+        tracking.log_source_inputs(chosen, context)
 
 
 @task(cache_policy=NO_CACHE)

@@ -195,21 +195,16 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]
 
 
-def log_source_inputs(
-    manifests: dict[str, str], context: str, versions: dict[str, str] | None = None
-) -> None:
+def log_source_inputs(manifests: dict[str, str], context: str) -> None:
     """Each source's manifest (NAME -> URI) as an MLflow dataset input of the active run,
-    its digest the manifest's content hash (``versions``, else the version its URI
-    names), its context ``training`` for the training sources, ``evaluation`` for the
-    downstream sets."""
+    its digest the manifest's content hash (the version its URI names), its context
+    ``training`` for the training sources, ``evaluation`` for the downstream sets."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    versions = versions or {}
     for name, uri in sorted(manifests.items()):
-        digest = versions.get(name) or manifest_version(uri)
-        dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=digest)
+        dataset = MetaDataset(resolve_dataset_source(uri), name=name, digest=manifest_version(uri))
         mlflow.log_input(dataset, context=context)
 
 

@@ -102,9 +102,9 @@ def test_registered_backbone_loads_where_xlearner_is_not_installed(tracking_cfg,
 
 
 def test_manifests_are_dataset_inputs_with_their_content_hash(tracking_cfg, tmp_path):
-    manifests = {"shapes_cls": "s3://bucket/sources/shapes_cls/0123456789abcdef.json"}
+    manifests = {"shapes_cls": "s3://bucket/" + manifest_key("shapes_cls", "0123456789abcdef")}
     with mlflow.start_run() as run:
-        tracking.log_source_inputs(manifests, "training", {"shapes_cls": "0123456789abcdef"})
+        tracking.log_source_inputs(manifests, "training")
     (dataset_input,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     dataset = dataset_input.dataset
     assert (dataset.name, dataset.digest) == ("shapes_cls", "0123456789abcdef")
