@@ -36,7 +36,7 @@ BASE_PACKAGES = (
 )
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BUILD_TIMEOUT_S = 1800
-INDEX_PORTS = 38571  # the first of the local indexes' ports (see served_indexes)
+FIRST_INDEX_PORT = 38571  # the local indexes take this port and the next ones (served_indexes)
 # Free disk the two builds need at their peak (layers of both images and their builders).
 BUILD_DISK_BYTES = 35 * 2**30
 
@@ -113,12 +113,12 @@ def local_index_dirs() -> list[Path]:
 def served_indexes(folders: list[Path]) -> Iterator[list[str]]:
     """Each index folder's parent served over HTTP on 127.0.0.1; yields the index URLs.
 
-    The ports are fixed where free (:data:`INDEX_PORTS`): the URLs are build arguments,
+    The ports are fixed where free (:data:`FIRST_INDEX_PORT`): the URLs are build arguments,
     part of the build cache's keys, so an engine that keeps its cache
     (``XLEARNER_TEST_BUILD_DOCKER_HOST``) rebuilds only what changed."""
     servers = []
     try:
-        for port, folder in enumerate(folders, start=INDEX_PORTS):
+        for port, folder in enumerate(folders, start=FIRST_INDEX_PORT):
             handler = functools.partial(Quiet, directory=str(folder.parent))
             try:
                 server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
